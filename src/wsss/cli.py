@@ -1,0 +1,123 @@
+"""``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from wsss.errors import WsssError
+
+
+def _context(args):
+    from wsss.config import load_config
+    from wsss.stages.context import RunContext
+
+    return RunContext(load_config(args.config, args.overrides))
+
+
+def cmd_train_cls(args):
+    from wsss.stages import train_cls
+
+    stage = train_cls.run(_context(args))
+    print(f"classifier: {stage.dir / 'model.pt'}")
+
+
+def cmd_maps(args):
+    from wsss.stages import maps
+
+    stage = maps.run(_context(args))
+    print(f"maps: {stage.dir}")
+    print(json.dumps(stage.info().get("splits", {}), indent=1))
+
+
+def cmd_pseudo(args):
+    from wsss.stages import pseudo
+
+    stage = pseudo.run(_context(args))
+    info = stage.info()
+    print(f"pseudo masks: {stage.dir / info['split']}  (background threshold: {info.get('bg_threshold')})")
+
+
+def cmd_eval(args):
+    from wsss.stages import evaluate
+
+    ctx = _context(args)
+    metrics = evaluate.run(ctx)
+    print("\n".join(evaluate.summary_lines(metrics)))
+    print(f"metrics: {ctx.run_dir / 'metrics.json'}")
+
+
+def cmd_run(args):
+    from wsss.stages import evaluate
+    from wsss.stages import run as run_stage
+
+    t0 = time.perf_counter()
+    ctx = _context(args)
+    metrics = run_stage.run(ctx)
+    print("\n".join(evaluate.summary_lines(metrics)))
+    print(f"metrics: {ctx.run_dir / 'metrics.json'}   (wall time {time.perf_counter() - t0:.0f} s)")
+
+
+def cmd_prepare(args):
+    from wsss.data.prepare import prepare
+
+    report = prepare(args.format, args.root, write=not args.check_only)
+    print(report)
+
+
+def cmd_list(args):
+    from wsss.localize import LOCALIZERS
+    from wsss.methods import METHODS
+    from wsss.models import BACKBONES
+
+    print("methods:    " + ", ".join(METHODS.names()))
+    print("backbones:  " + ", ".join(BACKBONES.names()))
+    print("localizers: " + ", ".join(LOCALIZERS.names()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="wsss", description="Weakly supervised semantic segmentation pipeline.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def stage(name, fn, help_):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config (see configs/)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.epochs=5")
+        s.set_defaults(fn=fn)
+
+    stage("train-cls", cmd_train_cls, "train the classifier (stage 1)")
+    stage("maps", cmd_maps, "localization maps (stage 2)")
+    stage("pseudo", cmd_pseudo, "pseudo masks (stage 3)")
+    stage("eval", cmd_eval, "score maps and pseudo masks, write metrics.json")
+    stage("run", cmd_run, "all stages, reusing those whose config is unchanged")
+    pr = sub.add_parser("prepare", help="check a downloaded dataset's layout and build derived files")
+    pr.add_argument("format", choices=["voc", "coco", "msrc"])
+    pr.add_argument("root")
+    pr.add_argument("--check-only", action="store_true", help="report, write nothing")
+    pr.set_defaults(fn=cmd_prepare)
+    ls = sub.add_parser("list", help="registered methods, backbones and localizers")
+    ls.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        args.fn(args)
+    except WsssError as e:
+        print(f"wsss: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("wsss: interrupted; finished work is kept in the run directory, rerun to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

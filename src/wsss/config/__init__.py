@@ -1,0 +1,18 @@
+"""Typed configs: the schema and its loader."""
+
+from wsss.config.load import config_hash, dump_config, load_config, to_dict
+from wsss.config.schema import (
+    Config,
+    DataConfig,
+    EvalConfig,
+    MapsConfig,
+    MethodConfig,
+    ModelConfig,
+    PseudoConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "Config", "DataConfig", "EvalConfig", "MapsConfig", "MethodConfig", "ModelConfig", "PseudoConfig",
+    "TrainConfig", "config_hash", "dump_config", "load_config", "to_dict",
+]

@@ -1,0 +1,139 @@
+"""Typed configuration of a wsss run.
+
+Every setting of every stage lives in one tree of dataclasses. A YAML file plus ``key=value`` overrides is
+validated against it at load time (see :mod:`wsss.config.load`): unknown keys are rejected with the nearest valid
+name, values are type-checked (no ``"False"``-is-true surprises), and the fully resolved tree is written into the
+run directory so a run can always be reproduced from its own folder.
+
+Method-specific options are validated by the method plugin itself (``method.options``), because only the method
+knows them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class DataConfig:
+    #: dataset root (VOC layout, COCO root, or a folder of images with a labels CSV)
+    root: str = "../shared/data/msrc21"
+    #: reader: voc (also MSRC-21, VOC + SBD), coco, folder
+    format: Literal["voc", "coco", "folder"] = "voc"
+    #: dataset spec (class names, palette, background, ignore index); default ``<root>/dataset.json``,
+    #: else the built-in spec of the format (VOC / COCO)
+    spec: Optional[str] = None
+    #: class names mapped to background (e.g. MSRC-21's stuff classes for an object/background task)
+    to_background: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    val_split: Optional[str] = "val"
+    test_split: Optional[str] = "test"
+    #: CSV of image-level labels for the folder reader (columns: image, labels separated by ';')
+    labels_csv: Optional[str] = None
+    #: data-loader worker processes (0 = load in the main process)
+    workers: int = 2
+    #: use only the first N images of each split (quick experiments and tests)
+    limit: Optional[int] = None
+
+
+@dataclass
+class ModelConfig:
+    #: backbone registered in wsss.models.backbones (mobilenet_v2, resnet50, ...)
+    backbone: str = "mobilenet_v2"
+    output_stride: Literal[16, 32] = 16
+    #: ImageNet initialisation through torchvision's weights API (offline: the hub cache, see README)
+    pretrained: bool = True
+    #: a local state-dict file to initialise the backbone from instead (any torchvision-compatible file)
+    weights_file: Optional[str] = None
+    #: keep BatchNorm in eval mode with frozen statistics and affine parameters (batches of 16 are too small)
+    freeze_bn: bool = True
+
+
+@dataclass
+class MethodConfig:
+    #: classifier-training recipe registered in wsss.methods (``wsss methods`` lists them)
+    name: str = "cam"
+    #: options of that method, validated by the method
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 16
+    #: learning rate of the backbone; the new head uses lr * head_lr_mult
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    #: polynomial learning-rate decay power (0 = constant)
+    poly_power: float = 0.9
+    crop_size: int = 320
+    #: random rescale range before cropping
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    hflip: bool = True
+    #: fp32 (deterministic tests) or bf16 (autocast; 2.5-3.5x faster on CPUs with bf16 units and on GPUs)
+    precision: Literal["fp32", "bf16"] = "bf16"
+    channels_last: bool = True
+    #: cpu, cuda, gpu or auto
+    accelerator: str = "auto"
+    #: processes (DDP when > 1; on CPU through gloo)
+    devices: int = 1
+    #: show a progress bar
+    progress: bool = True
+
+
+@dataclass
+class MapsConfig:
+    #: cam, grad_cam, grad_cam_pp (wsss.localize registry)
+    localizer: str = "cam"
+    #: backbone module whose activations Grad-CAM uses; "" = the backbone's output (the layer CAM reads)
+    target_layer: str = ""
+    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    flip: bool = True
+    #: how the views (scales x flips) are combined
+    aggregate: Literal["sum", "mean", "max"] = "sum"
+    #: per-class normalisation after aggregation and ReLU. max: divide by the class maximum (the WSSS
+    #: convention: a fixed background threshold keeps its meaning); minmax: (m - min) / (max - min); none
+    normalize: Literal["max", "minmax", "none"] = "max"
+    #: which classes get maps: gt = the image-level labels; pred = classifier scores above pred_threshold
+    labels: Literal["gt", "pred"] = "gt"
+    pred_threshold: float = 0.5
+    #: splits to extract maps for (names of data.*_split)
+    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
+    batch_size: int = 8
+    precision: Literal["fp32", "bf16"] = "bf16"
+
+
+@dataclass
+class PseudoConfig:
+    #: background score for datasets with a background class; null = the value chosen on val by the sweep
+    bg_threshold: Optional[float] = None
+    #: pixels whose winning normalised score is below this become ignore (255); null = no ignore band
+    ignore_below: Optional[float] = None
+    #: split whose pseudo masks are written (the segmentation network trains on them)
+    split: str = "train"
+
+
+@dataclass
+class EvalConfig:
+    #: thresholds scored by the sweep (background threshold, or confidence threshold without background)
+    sweep: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    #: split on which thresholds are chosen (never the reported one)
+    select_on: str = "val"
+
+
+@dataclass
+class Config:
+    name: str = "default"
+    #: parent folder of run directories
+    runs_dir: str = "runs"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    maps: MapsConfig = field(default_factory=MapsConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,267 @@
+"""Dataset readers: PASCAL VOC layout (also MSRC-21 and VOC + SBD), COCO instances JSON, a folder + CSV of labels.
+
+Each reader turns a split name into a list of :class:`Sample` (image path, optional mask path, image-level labels).
+Image-level labels come from a label file where one exists (COCO's JSON, the folder CSV, or ``data.labels_csv`` for
+any format) and otherwise from the masks. Labels are mask class indices of the (possibly remapped) spec, background
+excluded. Training stages only ever see the labels; masks are read for scoring.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from wsss.config.schema import DataConfig
+from wsss.data.io import image_size, load_mask
+from wsss.data.spec import VOC_SPEC, DatasetSpec, spec_from_json
+from wsss.errors import ConfigError, DataError
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Path
+    mask: Optional[Path]
+    #: mask class indices present in the image (background excluded); None until resolved
+    labels: Optional[tuple[int, ...]] = None
+
+
+def _split_names(folder: Path, suffix: str = ".txt") -> list[str]:
+    return sorted(p.name[: -len(suffix)] for p in folder.glob(f"*{suffix}")) if folder.is_dir() else []
+
+
+def read_id_list(path: Path) -> list[str]:
+    if not path.is_file():
+        avail = _split_names(path.parent)
+        raise DataError(
+            f"split file {path} does not exist"
+            + (f"; splits found there: {', '.join(avail)}" if avail else f"; the folder {path.parent} has no split files")
+        )
+    ids = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line:
+            ids.append(line.split()[0])  # SBD-style lists carry a second column
+    if not ids:
+        raise DataError(f"split file {path} lists no images")
+    return ids
+
+
+class Reader:
+    """Base: resolves labels (from a label file or masks) and the remapping of classes to background."""
+
+    def __init__(self, root: Path, spec: DatasetSpec, cfg: DataConfig):
+        self.root = root
+        self.base_spec = spec
+        self.spec, self.lut = spec.remap_to_background(cfg.to_background)
+        self.cfg = cfg
+        self._csv_labels = self._read_labels_csv(Path(cfg.labels_csv)) if cfg.labels_csv else None
+        self._cache: dict[str, list[Sample]] = {}
+
+    # -- to implement -------------------------------------------------------------------------------------------
+    def _raw_samples(self, split: str) -> list[Sample]:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------------------------------------------
+    def _read_labels_csv(self, path: Path) -> dict[str, tuple[int, ...]]:
+        """CSV rows ``image,labels`` with labels separated by ';' (names of the base spec)."""
+        if not path.is_absolute() and not path.exists():
+            path = self.root / path
+        if not path.is_file():
+            raise DataError(f"labels CSV {path} does not exist")
+        out: dict[str, tuple[int, ...]] = {}
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "image" not in reader.fieldnames or "labels" not in reader.fieldnames:
+                raise DataError(f"{path}: needs a header row with columns 'image' and 'labels' (got {reader.fieldnames})")
+            for lineno, row in enumerate(reader, start=2):
+                names = [n.strip() for n in (row["labels"] or "").replace(",", ";").split(";") if n.strip()]
+                idx = []
+                for n in names:
+                    if n not in self.base_spec.classes:
+                        raise DataError(
+                            f"{path}, line {lineno}: unknown class '{n}' for image '{row['image']}'; "
+                            f"classes: {', '.join(self.base_spec.classes)}"
+                        )
+                    idx.append(self.base_spec.classes.index(n))
+                out[Path(row["image"]).stem] = tuple(idx)
+        return out
+
+    def _remap_labels(self, raw: tuple[int, ...]) -> tuple[int, ...]:
+        mapped = {int(self.lut[c]) for c in raw}
+        mapped.discard(self.spec.ignore_index)
+        if self.spec.background is not None:
+            mapped.discard(self.spec.background)
+        return tuple(sorted(mapped))
+
+    def _labels_from_mask(self, s: Sample) -> tuple[int, ...]:
+        mask = load_mask(s.mask, self.base_spec.num_classes, self.base_spec.ignore_index, image_size(s.image), self.lut)
+        vals = set(np.unique(mask).tolist())
+        vals.discard(self.spec.ignore_index)
+        if self.spec.background is not None:
+            vals.discard(self.spec.background)
+        return tuple(sorted(vals))
+
+    def samples(self, split: str) -> list[Sample]:
+        """Samples of a split with labels resolved. Images without any label are kept here (the training
+        dataset skips them with a warning) so that scoring still covers the whole split."""
+        if split in self._cache:
+            return self._cache[split]
+        raw = self._raw_samples(split)
+        if self.cfg.limit is not None:
+            raw = raw[: self.cfg.limit]
+        todo = []
+        out: list[Optional[Sample]] = []
+        for s in raw:
+            if self._csv_labels is not None and s.id in self._csv_labels:
+                out.append(Sample(s.id, s.image, s.mask, self._remap_labels(self._csv_labels[s.id])))
+            elif s.labels is not None:
+                out.append(Sample(s.id, s.image, s.mask, self._remap_labels(s.labels)))
+            elif s.mask is not None:
+                todo.append(len(out))
+                out.append(s)
+            else:
+                raise DataError(f"{s.image}: no image-level labels (not in a label file) and no mask to derive them from")
+        if todo:
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                labels = list(pool.map(lambda i: self._labels_from_mask(out[i]), todo))
+            for i, lab in zip(todo, labels):
+                s = out[i]
+                out[i] = Sample(s.id, s.image, s.mask, lab)
+        self._cache[split] = out  # type: ignore[assignment]
+        return out  # type: ignore[return-value]
+
+    def load_mask(self, s: Sample, hw: tuple[int, int] | None = None) -> np.ndarray:
+        if s.mask is None:
+            raise DataError(f"{s.image}: no ground-truth mask")
+        return load_mask(s.mask, self.base_spec.num_classes, self.base_spec.ignore_index, hw, self.lut)
+
+
+class VocReader(Reader):
+    """PASCAL VOC 2012 layout: ``JPEGImages/<id>.jpg``, ``SegmentationClass/<id>.png``,
+    ``ImageSets/Segmentation/<split>.txt``. SBD's ``SegmentationClassAug/<id>.png`` is used where VOC has no mask
+    (``train_aug``, built by ``wsss prepare voc``). MSRC-21 in this repo's shared data uses the same layout."""
+
+    def _raw_samples(self, split: str) -> list[Sample]:
+        ids = read_id_list(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+        out = []
+        for i in ids:
+            img = self.root / "JPEGImages" / f"{i}.jpg"
+            mask = None
+            for folder in ("SegmentationClass", "SegmentationClassAug"):
+                p = self.root / folder / f"{i}.png"
+                if p.is_file():
+                    mask = p
+                    break
+            out.append(Sample(i, img, mask))
+        return out
+
+
+def coco_spec(categories: list[dict]) -> tuple[DatasetSpec, dict[int, int]]:
+    """Background at 0, then COCO categories in id order; returns the spec and category id -> class index."""
+    cats = sorted(categories, key=lambda c: c["id"])
+    spec = DatasetSpec(name="coco", classes=("background",) + tuple(c["name"] for c in cats), background=0)
+    return spec, {c["id"]: i + 1 for i, c in enumerate(cats)}
+
+
+class CocoReader(Reader):
+    """COCO 2014/2017: ``annotations/instances_<split>.json``, images in ``<split>/``; class masks (PNG, class index,
+    255 on crowd regions) in ``SegmentationClass/<split>/<stem>.png`` once ``wsss prepare coco`` has built them."""
+
+    def __init__(self, root: Path, spec: Optional[DatasetSpec], cfg: DataConfig):
+        self._json: dict[str, dict] = {}
+        if spec is None:
+            first = self._load_json(root, cfg.train_split)
+            spec, _ = coco_spec(first["categories"])
+        super().__init__(root, spec, cfg)
+
+    def _load_json(self, root: Path, split: str) -> dict:
+        if split not in self._json:
+            path = root / "annotations" / f"instances_{split}.json"
+            if not path.is_file():
+                raise DataError(f"COCO annotations {path} do not exist (splits are named like train2014, val2014)")
+            try:
+                self._json[split] = json.loads(path.read_text())
+            except ValueError as e:
+                raise DataError(f"{path}: not valid JSON: {e}") from None
+        return self._json[split]
+
+    def _raw_samples(self, split: str) -> list[Sample]:
+        data = self._load_json(self.root, split)
+        _, cat_to_idx = coco_spec(data["categories"])
+        labels: dict[int, set[int]] = {img["id"]: set() for img in data["images"]}
+        for ann in data.get("annotations", []):
+            if not ann.get("iscrowd", 0) and ann["image_id"] in labels:
+                labels[ann["image_id"]].add(cat_to_idx[ann["category_id"]])
+        out = []
+        for img in sorted(data["images"], key=lambda d: d["file_name"]):
+            stem = Path(img["file_name"]).stem
+            mask = self.root / "SegmentationClass" / split / f"{stem}.png"
+            out.append(Sample(stem, self.root / split / img["file_name"], mask if mask.is_file() else None,
+                              tuple(sorted(labels[img["id"]]))))
+        return out
+
+
+class FolderReader(Reader):
+    """A folder of images with a CSV of image-level labels (``image,labels[,split]``; labels separated by ';').
+    Images are found relative to the root (or ``images/``); optional masks in ``masks/<stem>.png``. Without a
+    ``split`` column, every image belongs to every split."""
+
+    def __init__(self, root: Path, spec: Optional[DatasetSpec], cfg: DataConfig):
+        self.csv_path = Path(cfg.labels_csv) if cfg.labels_csv else root / "labels.csv"
+        if not self.csv_path.is_absolute() and not self.csv_path.exists():
+            self.csv_path = root / self.csv_path
+        if not self.csv_path.is_file():
+            raise DataError(f"folder dataset: labels CSV {self.csv_path} does not exist (columns: image,labels[,split])")
+        with self.csv_path.open(newline="") as f:
+            self.rows = list(csv.DictReader(f))
+        if spec is None:
+            names = sorted({n.strip() for r in self.rows for n in (r.get("labels") or "").replace(",", ";").split(";") if n.strip()})
+            # tagged photos of objects: the rest of the image is background
+            spec = DatasetSpec(name=root.name, classes=("background", *names), background=0)
+        cfg_for_base = DataConfig(**{**cfg.__dict__, "labels_csv": str(self.csv_path)})
+        super().__init__(root, spec, cfg_for_base)
+
+    def _raw_samples(self, split: str) -> list[Sample]:
+        has_split = self.rows and "split" in self.rows[0]
+        rows = [r for r in self.rows if not has_split or r["split"] == split]
+        if not rows:
+            avail = sorted({r["split"] for r in self.rows}) if has_split else []
+            raise DataError(f"{self.csv_path}: no images in split '{split}' (splits: {', '.join(avail) or 'none'})")
+        out = []
+        for r in rows:
+            img = self.root / r["image"]
+            if not img.exists() and (self.root / "images" / r["image"]).exists():
+                img = self.root / "images" / r["image"]
+            stem = Path(r["image"]).stem
+            mask = self.root / "masks" / f"{stem}.png"
+            out.append(Sample(stem, img, mask if mask.is_file() else None))
+        return out
+
+
+def open_dataset(cfg: DataConfig) -> Reader:
+    """Build the reader named by ``cfg.format`` with its spec (``cfg.spec``, ``<root>/dataset.json`` or built-in)."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise DataError(
+            f"dataset root {root} does not exist. Set data.root=... (MSRC-21 / VOC layout, COCO root, or a folder "
+            "with labels.csv); README.md, section 'Data', says how to get one."
+        )
+    spec: Optional[DatasetSpec] = None
+    if cfg.spec:
+        spec = spec_from_json(cfg.spec)
+    elif (root / "dataset.json").is_file():
+        spec = spec_from_json(root / "dataset.json")
+    if cfg.format == "voc":
+        return VocReader(root, spec or VOC_SPEC, cfg)
+    if cfg.format == "coco":
+        return CocoReader(root, spec, cfg)
+    if cfg.format == "folder":
+        return FolderReader(root, spec, cfg)
+    raise ConfigError(f"data.format: unknown reader '{cfg.format}'")  # pragma: no cover - schema rejects it

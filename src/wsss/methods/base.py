@@ -1,0 +1,58 @@
+"""The method plugin interface: what a classifier-training recipe may change.
+
+A method answers four questions and nothing else: what it adds to the model (``build_model``), to the batch
+(``transform_batch``), to the loss (``loss``), and which model output holds the localization maps (``maps``).
+The training loop, checkpoints, devices, precision and multi-scale inference are shared and live elsewhere.
+Options are a dataclass per method, validated at load: an option another method owns is rejected with this
+method's own option list.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from wsss.config.load import _build
+from wsss.config.schema import ModelConfig
+from wsss.errors import ConfigError
+from wsss.models import CAMClassifier, build_backbone
+from wsss.registry import Registry
+
+
+@dataclass
+class NoOptions:
+    pass
+
+
+class Method:
+    name: ClassVar[str] = ""
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        valid = [f.name for f in dataclasses.fields(self.Options)]
+        try:
+            self.options = _build(self.Options, dict(options or {}), "method.options")
+        except ConfigError as e:
+            raise ConfigError(f"{e} (method '{self.name}' takes: {', '.join(valid) or 'no options'})") from None
+
+    def build_model(self, model_cfg: ModelConfig, num_classes: int) -> nn.Module:
+        return CAMClassifier(build_backbone(model_cfg), num_classes, freeze_bn=model_cfg.freeze_bn)
+
+    def transform_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        return batch
+
+    def loss(self, out: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        loss = F.multilabel_soft_margin_loss(out["logits"].float(), batch["labels"])
+        return loss, {"cls": float(loss.detach())}
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def build_method(name: str, options: dict | None = None) -> Method:
+    return METHODS.get(name)(options)

@@ -1,0 +1,56 @@
+"""The CAM classifier: backbone -> bias-free 1x1 conv (one channel per class) -> global average pooling.
+
+Zhou et al., "Learning Deep Features for Discriminative Localization", CVPR 2016. Because the head is linear and
+bias-free, applying it before pooling gives the class activation maps of *all* classes in one pass; the logits are
+their spatial mean (identical to pooling first, as in the paper).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wsss.models.backbones import Backbone
+
+
+class CAMClassifier(nn.Module):
+    def __init__(self, backbone: Backbone, num_classes: int, freeze_bn: bool = True):
+        super().__init__()
+        self.backbone = backbone.body
+        self.stages = backbone.stages
+        self.head = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
+        nn.init.kaiming_normal_(self.head.weight, mode="fan_out", nonlinearity="relu")
+        self.freeze_bn = freeze_bn
+        if freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for p in m.parameters():
+                        p.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_bn:
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def cam(self, features: torch.Tensor) -> torch.Tensor:
+        """Class activation maps of every class, (B, K, h, w)."""
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cams = self.cam(self.features(x))
+        return {"logits": cams.mean(dim=(2, 3)), "cams": cams}
+
+    def param_groups(self, lr: float, head_lr_mult: float) -> list[dict]:
+        """Pretrained backbone at ``lr``, the new head at ``lr * head_lr_mult``."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        head = [p for n, p in self.named_parameters() if not n.startswith("backbone.") and p.requires_grad]
+        return [
+            {"params": backbone, "lr": lr, "base_lr": lr},
+            {"params": head, "lr": lr * head_lr_mult, "base_lr": lr * head_lr_mult},
+        ]

@@ -1,0 +1,62 @@
+"""What every stage shares: the resolved config, the run directory, the dataset reader, and the stage keys.
+
+A stage's key hashes exactly the settings that change its output (plus its inputs' keys), so changing e.g.
+``maps.scales`` recomputes maps and everything after them but reuses the classifier. Settings that cannot change a
+result (progress bars, loader workers, inference batch size) are left out of the keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from functools import cached_property
+from pathlib import Path
+
+from wsss.config import Config, config_hash, dump_config
+from wsss.data.readers import Reader, open_dataset
+from wsss.data.spec import DatasetSpec
+
+log = logging.getLogger("wsss")
+
+
+def _without(obj, *names: str) -> dict:
+    d = dataclasses.asdict(obj)
+    for n in names:
+        d.pop(n, None)
+    return d
+
+
+class RunContext:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.runs_dir) / cfg.name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.run_dir / "config.yaml")
+
+    @cached_property
+    def reader(self) -> Reader:
+        return open_dataset(self.cfg.data)
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return self.reader.spec
+
+    def split_name(self, split: str) -> str:
+        """Maps a role (train / val / test) to the dataset's split name (data.<role>_split)."""
+        names = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
+        return names.get(split) or split
+
+    # -- stage keys ------------------------------------------------------------------------------------------------
+    def cls_key(self) -> str:
+        c = self.cfg
+        data = _without(c.data, "workers", "val_split", "test_split")
+        return config_hash(data, c.model, c.method, _without(c.train, "progress"), c.seed)
+
+    def maps_key(self) -> str:
+        c = self.cfg
+        splits = [self.split_name(s) for s in c.maps.splits]
+        return config_hash(self.cls_key(), _without(c.maps, "batch_size"), splits)
+
+    def pseudo_key(self) -> str:
+        c = self.cfg
+        return config_hash(self.maps_key(), c.pseudo, c.eval)

@@ -1,0 +1,126 @@
+"""Stage 4: score everything against ground truth -> ``metrics.json``.
+
+Per split with maps: classifier mAP (from the scores stored with the maps), a threshold sweep, and the maps turned
+into masks by the same rule as the pseudo masks (with the threshold chosen on the selection split). For the pseudo
+split, the written pseudo masks themselves. Each split is one confusion matrix; each map file is read once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from PIL import Image
+
+from wsss.data.datasets import label_vector
+from wsss.evaluation import ThresholdSweep, average_precision, confusion_matrix, segmentation_scores
+from wsss.pseudo import pseudo_mask
+from wsss.runs import atomic_write_json
+from wsss.stages import maps as maps_stage
+from wsss.stages import pseudo as pseudo_stage
+from wsss.stages.context import RunContext
+
+log = logging.getLogger("wsss.stages")
+
+
+def _score_split(ctx: RunContext, maps, split: str, bg_threshold) -> dict:
+    spec = ctx.spec
+    sweep = ThresholdSweep(spec, ctx.cfg.eval.sweep)
+    conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
+    scores, targets = [], []
+    has_gt = True
+    for s, m in maps_stage.iter_maps(maps, ctx, split):
+        scores.append(m["scores"])
+        targets.append(label_vector(s.labels or (), spec).numpy())
+        if s.mask is None:
+            has_gt = False
+            continue
+        gt = ctx.reader.load_mask(s, m["maps"].shape[1:])
+        sweep.add(m["maps"], m["classes"], gt)
+        pred = pseudo_mask(m["maps"], m["classes"], spec, bg_threshold)
+        conf += confusion_matrix(gt, pred, spec.num_classes, spec.ignore_index)
+    ap = average_precision(np.stack(scores), np.stack(targets))
+    out = {
+        "images": len(scores),
+        "classifier": {
+            "mAP": None if np.all(np.isnan(ap)) else round(float(np.nanmean(ap)) * 100, 2),
+            "ap": {n: (None if np.isnan(v) else round(float(v) * 100, 2)) for n, v in zip(spec.fg_names, ap)},
+        },
+    }
+    if has_gt:
+        out["maps"] = segmentation_scores(conf, spec.classes)
+        out["sweep"] = sweep.results()
+    return out
+
+
+def run(ctx: RunContext) -> dict:
+    t0 = time.perf_counter()
+    pseudo = pseudo_stage.run(ctx)
+    maps = maps_stage.run(ctx)
+    cls_info = (ctx.run_dir / "cls" / "stage.json")
+    info = pseudo.info()
+    bg = info.get("bg_threshold")
+    cfg = ctx.cfg
+    metrics: dict = {
+        "run": cfg.name,
+        "dataset": ctx.spec.name,
+        "method": cfg.method.name,
+        "backbone": f"{cfg.model.backbone} OS{cfg.model.output_stride}",
+        "localizer": cfg.maps.localizer,
+        "seed": cfg.seed,
+        "image_labels": cfg.maps.labels,
+        "selection": {k: info.get(k) for k in ("bg_threshold", "chosen_on", "reason", "miou_on_selection_split")
+                      if info.get(k) is not None},
+        "stage_keys": {"cls": ctx.cls_key(), "maps": ctx.maps_key(), "pseudo": ctx.pseudo_key()},
+        "splits": {},
+    }
+    for role in cfg.maps.splits:
+        split = ctx.split_name(role)
+        metrics["splits"][split] = _score_split(ctx, maps, split, bg)
+    # the pseudo masks as written (ignore band included)
+    split = info["split"]
+    conf = np.zeros((ctx.spec.num_classes,) * 2, np.int64)
+    scored = 0
+    for s in ctx.reader.samples(split):
+        if s.mask is None:
+            continue
+        pred = np.asarray(Image.open(pseudo.dir / split / f"{s.id}.png"))
+        conf += confusion_matrix(ctx.reader.load_mask(s, pred.shape), pred, ctx.spec.num_classes,
+                                 ctx.spec.ignore_index)
+        scored += 1
+    if scored:
+        metrics["pseudo"] = {"split": split, **segmentation_scores(conf, ctx.spec.classes)}
+    metrics["timing"] = {
+        "maps": maps.info().get("splits"),
+        "eval_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if cls_info.exists():
+        import json
+
+        hist = ctx.run_dir / "cls" / "summary.json"
+        if hist.exists():
+            h = json.loads(hist.read_text())["history"]
+            metrics["timing"]["train_seconds"] = round(sum(r["seconds"] for r in h), 1)
+            metrics["timing"]["train_seconds_per_epoch"] = round(sum(r["seconds"] for r in h) / max(len(h), 1), 2)
+    atomic_write_json(ctx.run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def summary_lines(metrics: dict) -> list[str]:
+    """The headline numbers, for the terminal."""
+    lines = [f"run {metrics['run']}: {metrics['method']} / {metrics['backbone']} / {metrics['localizer']} "
+             f"on {metrics['dataset']} (seed {metrics['seed']})"]
+    if metrics.get("selection", {}).get("bg_threshold") is not None:
+        sel = metrics["selection"]
+        lines.append(f"  background threshold {sel['bg_threshold']} (chosen on {sel.get('chosen_on')})")
+    for split, s in metrics["splits"].items():
+        parts = [f"  {split:>8}: classifier mAP {s['classifier']['mAP']}"]
+        if "maps" in s:
+            parts.append(f"map mIoU {s['maps']['miou']}  class-avg acc {s['maps']['class_avg_acc']}  "
+                         f"pixel acc {s['maps']['pixel_acc']}")
+        lines.append("  ".join(parts))
+    if "pseudo" in metrics:
+        p = metrics["pseudo"]
+        lines.append(f"  pseudo masks ({p['split']}): mIoU {p['miou']}")
+    return lines
