@@ -5,7 +5,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.wsss-installed
 DATA   ?= ../shared/data/msrc21
-DEMO_CONFIG ?= configs/msrc21.yaml
+# a root with a dataset.json (MSRC-21 layout) runs the MSRC config; a plain VOC root runs the VOC config
+DEMO_CONFIG ?= $(if $(wildcard $(DATA)/dataset.json),configs/msrc21.yaml,configs/voc12.yaml)
 
 .PHONY: demo test venv bench clean-venv
 

@@ -4,7 +4,8 @@ filled at import time by decorators."""
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 from wsss.errors import ConfigError
 

@@ -12,7 +12,7 @@ knows them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 
 @dataclass
@@ -23,18 +23,18 @@ class DataConfig:
     format: Literal["voc", "coco", "folder"] = "voc"
     #: dataset spec (class names, palette, background, ignore index); default ``<root>/dataset.json``,
     #: else the built-in spec of the format (VOC / COCO)
-    spec: Optional[str] = None
+    spec: str | None = None
     #: class names mapped to background (e.g. MSRC-21's stuff classes for an object/background task)
     to_background: list[str] = field(default_factory=list)
     train_split: str = "train"
-    val_split: Optional[str] = "val"
-    test_split: Optional[str] = "test"
+    val_split: str | None = "val"
+    test_split: str | None = "test"
     #: CSV of image-level labels for the folder reader (columns: image, labels separated by ';')
-    labels_csv: Optional[str] = None
+    labels_csv: str | None = None
     #: data-loader worker processes (0 = load in the main process)
     workers: int = 2
     #: use only the first N images of each split (quick experiments and tests)
-    limit: Optional[int] = None
+    limit: int | None = None
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ModelConfig:
     #: ImageNet initialisation through torchvision's weights API (offline: the hub cache, see README)
     pretrained: bool = True
     #: a local state-dict file to initialise the backbone from instead (any torchvision-compatible file)
-    weights_file: Optional[str] = None
+    weights_file: str | None = None
     #: keep BatchNorm in eval mode with frozen statistics and affine parameters (batches of 16 are too small)
     freeze_bn: bool = True
 
@@ -109,9 +109,9 @@ class MapsConfig:
 @dataclass
 class PseudoConfig:
     #: background score for datasets with a background class; null = the value chosen on val by the sweep
-    bg_threshold: Optional[float] = None
+    bg_threshold: float | None = None
     #: pixels whose winning normalised score is below this become ignore (255); null = no ignore band
-    ignore_below: Optional[float] = None
+    ignore_below: float | None = None
     #: split whose pseudo masks are written (the segmentation network trains on them)
     split: str = "train"
 

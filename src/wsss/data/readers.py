@@ -13,7 +13,6 @@ import json
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
@@ -27,9 +26,9 @@ from wsss.errors import ConfigError, DataError
 class Sample:
     id: str
     image: Path
-    mask: Optional[Path]
+    mask: Path | None
     #: mask class indices present in the image (background excluded); None until resolved
-    labels: Optional[tuple[int, ...]] = None
+    labels: tuple[int, ...] | None = None
 
 
 def _split_names(folder: Path, suffix: str = ".txt") -> list[str]:
@@ -117,7 +116,7 @@ class Reader:
         if self.cfg.limit is not None:
             raw = raw[: self.cfg.limit]
         todo = []
-        out: list[Optional[Sample]] = []
+        out: list[Sample | None] = []
         for s in raw:
             if self._csv_labels is not None and s.id in self._csv_labels:
                 out.append(Sample(s.id, s.image, s.mask, self._remap_labels(self._csv_labels[s.id])))
@@ -174,7 +173,7 @@ class CocoReader(Reader):
     """COCO 2014/2017: ``annotations/instances_<split>.json``, images in ``<split>/``; class masks (PNG, class index,
     255 on crowd regions) in ``SegmentationClass/<split>/<stem>.png`` once ``wsss prepare coco`` has built them."""
 
-    def __init__(self, root: Path, spec: Optional[DatasetSpec], cfg: DataConfig):
+    def __init__(self, root: Path, spec: DatasetSpec | None, cfg: DataConfig):
         self._json: dict[str, dict] = {}
         if spec is None:
             first = self._load_json(root, cfg.train_split)
@@ -213,7 +212,7 @@ class FolderReader(Reader):
     Images are found relative to the root (or ``images/``); optional masks in ``masks/<stem>.png``. Without a
     ``split`` column, every image belongs to every split."""
 
-    def __init__(self, root: Path, spec: Optional[DatasetSpec], cfg: DataConfig):
+    def __init__(self, root: Path, spec: DatasetSpec | None, cfg: DataConfig):
         self.csv_path = Path(cfg.labels_csv) if cfg.labels_csv else root / "labels.csv"
         if not self.csv_path.is_absolute() and not self.csv_path.exists():
             self.csv_path = root / self.csv_path
@@ -253,7 +252,7 @@ def open_dataset(cfg: DataConfig) -> Reader:
             f"dataset root {root} does not exist. Set data.root=... (MSRC-21 / VOC layout, COCO root, or a folder "
             "with labels.csv); README.md, section 'Data', says how to get one."
         )
-    spec: Optional[DatasetSpec] = None
+    spec: DatasetSpec | None = None
     if cfg.spec:
         spec = spec_from_json(cfg.spec)
     elif (root / "dataset.json").is_file():

@@ -12,9 +12,9 @@ VOC-like object/background task. It returns a new spec plus a look-up table appl
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class DatasetSpec:
     #: name of each mask value 0..n-1
     classes: tuple[str, ...]
     #: index of the background class in ``classes``, or None when every labelled pixel is a class
-    background: Optional[int]
+    background: int | None
     ignore_index: int = 255
     palette: tuple[tuple[int, int, int], ...] = ()
 
@@ -102,7 +102,7 @@ class DatasetSpec:
         flat[3 * self.ignore_index : 3 * self.ignore_index + 3] = [255, 255, 255]
         return bytes(flat[:768])
 
-    def remap_to_background(self, names: Sequence[str]) -> tuple["DatasetSpec", np.ndarray]:
+    def remap_to_background(self, names: Sequence[str]) -> tuple[DatasetSpec, np.ndarray]:
         """New spec where ``names`` are background (index 0), plus a uint8 LUT old value -> new value.
 
         Values that are neither a class nor the ignore index map to 254 in the LUT so that validation can still

@@ -17,8 +17,8 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from lightning_fabric import Fabric
@@ -67,7 +67,7 @@ def fit_classifier(
     samples: list[Sample],
     spec: DatasetSpec,
     out_dir: Path,
-    after_epoch: Optional[Callable[[int], None]] = None,
+    after_epoch: Callable[[int], None] | None = None,
 ) -> dict:
     """Train (or resume) the classifier of ``cfg.method`` on ``samples``; writes ``out_dir/model.pt``."""
     fabric = make_fabric(cfg)
@@ -79,7 +79,7 @@ def _poly(it: int, total: int, power: float) -> float:
 
 
 def _fit(fabric: Fabric, cfg: Config, samples: list[Sample], spec: DatasetSpec, out_dir: Path,
-         after_epoch: Optional[Callable[[int], None]]) -> dict:
+         after_epoch: Callable[[int], None] | None) -> dict:
     t = cfg.train
     world, rank = fabric.world_size, fabric.global_rank
     if fabric.device.type == "cpu":

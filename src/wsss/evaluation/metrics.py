@@ -8,7 +8,7 @@ undefined IoU (NaN) and is left out of the means.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

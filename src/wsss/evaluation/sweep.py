@@ -7,7 +7,7 @@ Each image's maps are read once; the confusion matrices of all thresholds are ac
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -22,8 +22,9 @@ Hooks live in a context manager and are always removed (pytorch-grad-cam leaks t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn

@@ -11,7 +11,7 @@ default), then ReLU, then per-class ``normalize``:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn import functional as F

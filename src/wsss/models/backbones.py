@@ -15,9 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -49,7 +49,7 @@ def _hub_checkpoints() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
-def _offline_file(fname: str) -> Optional[Path]:
+def _offline_file(fname: str) -> Path | None:
     entry = OFFLINE_WEIGHT_PACKAGES.get(fname)
     if entry is None:
         return None

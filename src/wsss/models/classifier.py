@@ -19,7 +19,9 @@ class CAMClassifier(nn.Module):
         self.backbone = backbone.body
         self.stages = backbone.stages
         self.head = nn.Conv2d(backbone.out_channels, num_classes, 1, bias=False)
-        nn.init.kaiming_normal_(self.head.weight, mode="fan_out", nonlinearity="relu")
+        # small initial logits: a fan-out init on 1280+ channels starts the soft-margin loss near 5 and
+        # destabilises the 10x head learning rate
+        nn.init.normal_(self.head.weight, std=0.01)
         self.freeze_bn = freeze_bn
         if freeze_bn:
             for m in self.backbone.modules():

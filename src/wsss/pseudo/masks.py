@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 
 from wsss.data.spec import DatasetSpec
@@ -22,8 +20,8 @@ def pseudo_mask(
     maps: np.ndarray,
     classes: np.ndarray,
     spec: DatasetSpec,
-    bg_threshold: Optional[float] = None,
-    ignore_below: Optional[float] = None,
+    bg_threshold: float | None = None,
+    ignore_below: float | None = None,
 ) -> np.ndarray:
     """``maps`` (P, H, W) normalised scores of mask classes ``classes`` (P,) -> (H, W) uint8 mask."""
     p, h, w = maps.shape

@@ -7,6 +7,7 @@ split, the written pseudo masks themselves. Each split is one confusion matrix; 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -58,7 +59,6 @@ def run(ctx: RunContext) -> dict:
     t0 = time.perf_counter()
     pseudo = pseudo_stage.run(ctx)
     maps = maps_stage.run(ctx)
-    cls_info = (ctx.run_dir / "cls" / "stage.json")
     info = pseudo.info()
     bg = info.get("bg_threshold")
     cfg = ctx.cfg
@@ -95,14 +95,12 @@ def run(ctx: RunContext) -> dict:
         "maps": maps.info().get("splits"),
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
-    if cls_info.exists():
-        import json
-
-        hist = ctx.run_dir / "cls" / "summary.json"
-        if hist.exists():
-            h = json.loads(hist.read_text())["history"]
-            metrics["timing"]["train_seconds"] = round(sum(r["seconds"] for r in h), 1)
-            metrics["timing"]["train_seconds_per_epoch"] = round(sum(r["seconds"] for r in h) / max(len(h), 1), 2)
+    summary = ctx.run_dir / "cls" / "summary.json"
+    if summary.exists():
+        epochs = json.loads(summary.read_text())["history"]
+        train_s = sum(r["seconds"] for r in epochs)
+        metrics["timing"]["train_seconds"] = round(train_s, 1)
+        metrics["timing"]["train_seconds_per_epoch"] = round(train_s / max(len(epochs), 1), 2)
     atomic_write_json(ctx.run_dir / "metrics.json", metrics)
     return metrics
 
