@@ -72,7 +72,7 @@ def test_mask_value_neither_class_nor_ignore(tmp_path):
 
 def test_empty_label_set_skipped_with_warning(fast_cfg, toy_root, caplog):
     i = _first_id(toy_root)
-    m = Image.fromarray(np.full((48, 64), 255, np.uint8), "P")
+    m = Image.fromarray(np.full((48, 64), 255, np.uint8), "L")
     m.save(toy_root / "SegmentationClass" / f"{i}.png")
     ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
     with caplog.at_level(logging.WARNING):

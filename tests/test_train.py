@@ -40,7 +40,9 @@ def test_resumed_training_equals_uninterrupted(fast_cfg):
     a, b = _weights(full.run_dir / "cls" / "model.pt"), _weights(ctx.run_dir / "cls" / "model.pt")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+        # equal up to float reduction order inside oneDNN kernels (~1e-9 seen); a resume that lost the optimizer's
+        # momentum or replayed other batches differs by orders of magnitude more
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7, msg=k)
     log = [json.loads(line) for line in (ctx.run_dir / "cls" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
 

@@ -100,7 +100,11 @@ class Reader:
         return tuple(sorted(mapped))
 
     def _labels_from_mask(self, s: Sample) -> tuple[int, ...]:
-        mask = load_mask(s.mask, self.base_spec.num_classes, self.base_spec.ignore_index, image_size(s.image), self.lut)
+        try:
+            hw = image_size(s.image)
+        except DataError:
+            hw = None  # an unreadable image is reported, with its name, by the stage that loads it
+        mask = load_mask(s.mask, self.base_spec.num_classes, self.base_spec.ignore_index, hw, self.lut)
         vals = set(np.unique(mask).tolist())
         vals.discard(self.spec.ignore_index)
         if self.spec.background is not None:

@@ -71,15 +71,21 @@ def fit_classifier(
 ) -> dict:
     """Train (or resume) the classifier of ``cfg.method`` on ``samples``; writes ``out_dir/model.pt``."""
     fabric = make_fabric(cfg)
-    return fabric.launch(_fit, cfg, samples, spec, Path(out_dir), after_epoch)
+    # a plain object: Fabric's spawn launcher walks dataclass arguments and refuses frozen ones
+    return fabric.launch(_fit, _Job(cfg, samples, spec, Path(out_dir), after_epoch))
+
+
+class _Job:
+    def __init__(self, cfg, samples, spec, out_dir, after_epoch):
+        self.cfg, self.samples, self.spec, self.out_dir, self.after_epoch = cfg, samples, spec, out_dir, after_epoch
 
 
 def _poly(it: int, total: int, power: float) -> float:
     return (1 - it / max(total, 1)) ** power if power > 0 else 1.0
 
 
-def _fit(fabric: Fabric, cfg: Config, samples: list[Sample], spec: DatasetSpec, out_dir: Path,
-         after_epoch: Callable[[int], None] | None) -> dict:
+def _fit(fabric: Fabric, job: _Job) -> dict:
+    cfg, samples, spec, out_dir, after_epoch = job.cfg, job.samples, job.spec, job.out_dir, job.after_epoch
     t = cfg.train
     world, rank = fabric.world_size, fabric.global_rank
     if fabric.device.type == "cpu":

@@ -19,17 +19,18 @@ from torch.nn import functional as F
 from wsss.localize.localizers import Localizer
 
 
-def normalize_maps(maps: torch.Tensor, mode: str, eps: float = 1e-5) -> torch.Tensor:
-    """Per (image, class) normalisation of (B, P, H, W) maps."""
+def normalize_maps(maps: torch.Tensor, mode: str, eps: float = 1e-12) -> torch.Tensor:
+    """Per (image, class) normalisation of (B, P, H, W) maps. ``eps`` only guards all-zero maps (which stay zero):
+    an additive epsilon would shrink maps of small magnitude, such as Grad-CAM's (CAM / (h w))."""
     if mode == "none":
         return maps
     flat = maps.flatten(2)
     hi = flat.amax(dim=2)[..., None, None]
     if mode == "max":
-        return maps / (hi + eps)
+        return maps / hi.clamp_min(eps)
     if mode == "minmax":
         lo = flat.amin(dim=2)[..., None, None]
-        return (maps - lo) / (hi - lo + eps)
+        return (maps - lo) / (hi - lo).clamp_min(eps)
     raise ValueError(f"unknown normalisation '{mode}'")
 
 

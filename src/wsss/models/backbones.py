@@ -120,9 +120,26 @@ def mobilenet_v2(cfg: ModelConfig) -> Backbone:
     return Backbone(body=body, out_channels=1280, stages=[str(i) for i in range(len(body))])
 
 
-def _resnet(arch: str) -> Callable[[ModelConfig], Backbone]:
+def _dilate_basic_layer4(layer4: nn.Sequential) -> None:
+    """OS16 for BasicBlock ResNets (18/34), which torchvision's replace_stride_with_dilation refuses: layer4 keeps the
+    resolution and its 3x3 convolutions after the first dilate by 2 (the same receptive field as at OS32)."""
+    first = layer4[0]
+    first.conv1.stride = (1, 1)
+    if first.downsample is not None:
+        first.downsample[0].stride = (1, 1)
+    for block in layer4:
+        for conv in (block.conv1, block.conv2):
+            if conv is first.conv1:
+                continue
+            conv.dilation, conv.padding = (2, 2), (2, 2)
+
+
+def _resnet(arch: str, bottleneck: bool) -> Callable[[ModelConfig], Backbone]:
     def build(cfg: ModelConfig) -> Backbone:
-        m = _torchvision(arch, cfg, replace_stride_with_dilation=[False, False, cfg.output_stride == 16])
+        os16 = cfg.output_stride == 16
+        m = _torchvision(arch, cfg, **({"replace_stride_with_dilation": [False, False, os16]} if bottleneck else {}))
+        if os16 and not bottleneck:
+            _dilate_basic_layer4(m.layer4)
         body = nn.Sequential()
         for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
             body.add_module(name, getattr(m, name))
@@ -131,8 +148,8 @@ def _resnet(arch: str) -> Callable[[ModelConfig], Backbone]:
     return build
 
 
-for _arch in ("resnet18", "resnet50", "resnet101"):
-    BACKBONES.register(_arch)(_resnet(_arch))
+for _arch, _bottleneck in (("resnet18", False), ("resnet34", False), ("resnet50", True), ("resnet101", True)):
+    BACKBONES.register(_arch)(_resnet(_arch, _bottleneck))
 
 
 def build_backbone(cfg: ModelConfig) -> Backbone:

@@ -87,6 +87,14 @@ def class_indices(labels: torch.Tensor, scores: torch.Tensor | None, mode: str, 
     return idx, valid
 
 
+def _size_or_unique(path, i: int) -> tuple[int, int]:
+    """Header size for batching; an unreadable header gets a batch of its own, whose load then reports the error."""
+    try:
+        return image_size(path)
+    except DataError:
+        return (-1, i)
+
+
 def extract_split(ctx: RunContext, model, split_role: str, stage: Stage) -> dict:
     cfg = ctx.cfg
     m = cfg.maps
@@ -97,7 +105,7 @@ def extract_split(ctx: RunContext, model, split_role: str, stage: Stage) -> dict
     todo = [i for i, s in enumerate(samples) if not (out_dir / f"{s.id}.npz").exists()]
     if not todo:
         return {"images": len(samples), "computed": 0}
-    sizes = [image_size(samples[i].image) for i in todo]
+    sizes = [_size_or_unique(samples[i].image, i) for i in todo]
     batches = [[todo[j] for j in b] for b in batches_by_size(sizes, m.batch_size)]
     loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec)), batch_sampler=batches,
                         num_workers=cfg.data.workers, collate_fn=_collate)
