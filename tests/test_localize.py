@@ -70,7 +70,7 @@ def per_class_reference(model, x, layer, b, k, plus_plus=False):
         w = (alpha * torch.relu(g)).sum((1, 2))
     else:
         w = g.mean((1, 2))
-    return torch.relu((w[:, None, None] * a).sum(0))
+    return torch.relu((w[:, None, None] * a).sum(0)) * a.shape[-2] * a.shape[-1]
 
 
 @pytest.mark.parametrize("name,pp", [("grad_cam", False), ("grad_cam_pp", True)])
@@ -87,13 +87,13 @@ def test_batched_grad_cam_equals_per_class(name, pp):
             torch.testing.assert_close(maps[b, p], ref, rtol=1e-4, atol=1e-6)
 
 
-def test_grad_cam_at_head_input_equals_cam_after_max_norm():
+def test_grad_cam_at_head_input_equals_cam():
     model = small_net()
     x = torch.randn(2, 3, 64, 64)
     idx = torch.tensor([[0, 2], [1, 4]])
     cam, _ = build_localizer("cam")(model, x, idx)
     gc, _ = build_localizer("grad_cam")(model, x, idx)
-    torch.testing.assert_close(normalize_maps(torch.relu(cam), "max"), normalize_maps(gc, "max"), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.relu(cam), gc, rtol=1e-3, atol=1e-4)  # at any input size, so views add up alike
 
 
 def test_hooks_are_removed_even_on_error():
