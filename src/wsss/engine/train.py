@@ -1,6 +1,7 @@
-"""The shared classifier-training loop (Lightning Fabric): devices, precision, DDP, checkpoints, resume, progress.
+"""The shared training loop (Lightning Fabric): devices, precision, DDP, checkpoints, resume, progress.
 
-Every method trains through :func:`fit_classifier`; a method only supplies its model, batch transform and loss.
+Every classifier method and the segmentation network train through :func:`fit`; a :class:`TrainTask` only supplies
+its model, dataset, batch transform and loss (a classifier method supplies those through :class:`ClassifierTask`).
 
 - ``train.devices > 1`` runs DDP (``ddp_spawn``; on CPU through gloo). Under ``torchrun`` the processes already
   exist and Fabric joins them. The global batch stays ``train.batch_size`` whatever the number of processes.
@@ -18,6 +19,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,42 +64,96 @@ def make_fabric(cfg: Config) -> Fabric:
     return Fabric(accelerator=accelerator, devices=t.devices, strategy=strategy, precision=precision)
 
 
-def fit_classifier(
-    cfg: Config,
-    samples: list[Sample],
-    spec: DatasetSpec,
-    out_dir: Path,
-    after_epoch: Callable[[int], None] | None = None,
-) -> dict:
+@dataclass
+class LoopSettings:
+    """The optimisation schedule of one training job (the classifier takes it from ``train``, the segmentation
+    network from ``seg``); devices, precision, memory format and progress always come from ``train``."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    head_lr_mult: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+
+
+class TrainTask:
+    """What a training job supplies to the shared loop. Subclasses are plain objects (picklable for ``ddp_spawn``;
+    Fabric's launcher refuses frozen dataclass arguments)."""
+
+    name = "task"
+
+    def __init__(self, cfg: Config, settings: LoopSettings, meta: dict):
+        self.cfg, self.settings, self.meta = cfg, settings, meta
+
+    def build_model(self) -> torch.nn.Module:  # must offer .param_groups(lr, head_lr_mult)
+        raise NotImplementedError
+
+    def dataset(self) -> torch.utils.data.Dataset:  # items are (index, seed) pairs
+        raise NotImplementedError
+
+    def transform_batch(self, batch: dict, generator: torch.Generator) -> dict:
+        return batch
+
+    def loss(self, out: dict, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+
+class ClassifierTask(TrainTask):
+    """The classifier of ``cfg.method`` on images and image-level labels."""
+
+    def __init__(self, cfg: Config, samples: list[Sample], spec: DatasetSpec):
+        t = cfg.train
+        super().__init__(cfg, LoopSettings(t.epochs, t.batch_size, t.lr, t.head_lr_mult, t.momentum, t.weight_decay,
+                                           t.poly_power), model_meta(cfg, spec))
+        self.samples, self.spec = samples, spec
+        self.name = cfg.method.name
+        self.method = build_method(cfg.method.name, cfg.method.options)
+
+    def build_model(self):
+        return self.method.build_model(self.cfg.model, self.spec.num_fg)
+
+    def dataset(self):
+        t = self.cfg.train
+        return ClassificationDataset(self.samples, self.spec,
+                                     TrainTransform(t.crop_size, t.scale_range, t.hflip, self.spec.ignore_index))
+
+    def transform_batch(self, batch, generator):
+        return self.method.transform_batch(batch, generator)
+
+    def loss(self, out, batch):
+        return self.method.loss(out, batch)
+
+
+def fit_classifier(cfg: Config, samples: list[Sample], spec: DatasetSpec, out_dir: Path,
+                   after_epoch: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) the classifier of ``cfg.method`` on ``samples``; writes ``out_dir/model.pt``."""
-    fabric = make_fabric(cfg)
-    # a plain object: Fabric's spawn launcher walks dataclass arguments and refuses frozen ones
-    return fabric.launch(_fit, _Job(cfg, samples, spec, Path(out_dir), after_epoch))
+    return fit(ClassifierTask(cfg, samples, spec), out_dir, after_epoch)
 
 
-class _Job:
-    def __init__(self, cfg, samples, spec, out_dir, after_epoch):
-        self.cfg, self.samples, self.spec, self.out_dir, self.after_epoch = cfg, samples, spec, out_dir, after_epoch
+def fit(task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None = None) -> dict:
+    """Train (or resume) ``task``; writes ``out_dir/last.ckpt`` every epoch and ``out_dir/model.pt`` at the end."""
+    fabric = make_fabric(task.cfg)
+    return fabric.launch(_fit, task, Path(out_dir), after_epoch)
 
 
 def _poly(it: int, total: int, power: float) -> float:
     return (1 - it / max(total, 1)) ** power if power > 0 else 1.0
 
 
-def _fit(fabric: Fabric, job: _Job) -> dict:
-    cfg, samples, spec, out_dir, after_epoch = job.cfg, job.samples, job.spec, job.out_dir, job.after_epoch
-    t = cfg.train
+def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None) -> dict:
+    cfg, t, st = task.cfg, task.cfg.train, task.settings
     world, rank = fabric.world_size, fabric.global_rank
     if fabric.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     fabric.seed_everything(cfg.seed, verbose=False)
-    method = build_method(cfg.method.name, cfg.method.options)
-    model = method.build_model(cfg.model, spec.num_fg)
+    model = task.build_model()
     if t.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.param_groups(t.lr, t.head_lr_mult), lr=t.lr, momentum=t.momentum,
-                                weight_decay=t.weight_decay)
-    meta = model_meta(cfg, spec)
+    optimizer = torch.optim.SGD(model.param_groups(st.lr, st.head_lr_mult), lr=st.lr, momentum=st.momentum,
+                                weight_decay=st.weight_decay)
+    meta = task.meta
     start_epoch, history = 0, []
     last = out_dir / "last.ckpt"
     if last.exists():
@@ -110,35 +166,34 @@ def _fit(fabric: Fabric, job: _Job) -> dict:
     raw_model = model
     model, optimizer = fabric.setup(model, optimizer)
 
-    sampler = SeededSampler(len(samples), cfg.seed, rank, world)
-    per_process = max(1, t.batch_size // world)
-    dataset = ClassificationDataset(samples, spec, TrainTransform(t.crop_size, t.scale_range, t.hflip,
-                                                                  spec.ignore_index))
+    dataset = task.dataset()
+    sampler = SeededSampler(len(dataset), cfg.seed, rank, world)
+    per_process = max(1, st.batch_size // world)
     loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=cfg.data.workers,
                         persistent_workers=cfg.data.workers > 0, drop_last=len(sampler) >= per_process)
     loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
     steps_per_epoch = len(loader)
-    total = steps_per_epoch * t.epochs
+    total = steps_per_epoch * st.epochs
     generator = torch.Generator()
 
-    for epoch in range(start_epoch, t.epochs):
+    for epoch in range(start_epoch, st.epochs):
         sampler.set_epoch(epoch)
         generator.manual_seed(cfg.seed * 7919 + epoch)
         model.train()
         t0 = time.perf_counter()
         loss_sum, seen, parts_sum = torch.zeros(()), 0, {}
-        bar = tqdm(loader, desc=f"train {cfg.method.name} epoch {epoch + 1}/{t.epochs}", leave=False,
+        bar = tqdm(loader, desc=f"train {task.name} epoch {epoch + 1}/{st.epochs}", leave=False,
                    disable=not t.progress or rank != 0, mininterval=1.0)
         for step, batch in enumerate(bar):
             it = epoch * steps_per_epoch + step
             for g in optimizer.param_groups:
-                g["lr"] = g["base_lr"] * _poly(it, total, t.poly_power)
-            batch = method.transform_batch(batch, generator)
+                g["lr"] = g["base_lr"] * _poly(it, total, st.poly_power)
+            batch = task.transform_batch(batch, generator)
             x = batch["image"]
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             out = model(x)
-            loss, parts = method.loss(out, batch)
+            loss, parts = task.loss(out, batch)
             optimizer.zero_grad(set_to_none=True)
             fabric.backward(loss)
             optimizer.step()
@@ -163,7 +218,8 @@ def _fit(fabric: Fabric, job: _Job) -> dict:
         }
         history.append(record)
         if rank == 0:
-            log.info("epoch %d/%d loss %.4f (%.1f s, %.1f img/s)", epoch + 1, t.epochs, record["loss"], elapsed,
+            log.info("%s epoch %d/%d loss %.4f (%.1f s, %.1f img/s)", task.name, epoch + 1, st.epochs, record["loss"],
+                     elapsed,
                      record["images_per_s"])
             save_checkpoint(last, {"meta": meta, "model": raw_model.state_dict(),
                                    "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "history": history})
@@ -176,4 +232,4 @@ def _fit(fabric: Fabric, job: _Job) -> dict:
     if rank == 0:
         save_checkpoint(out_dir / "model.pt", {"meta": meta, "model": raw_model.state_dict()})
     fabric.barrier()
-    return {"history": history, "world_size": world, "images": len(samples)}
+    return {"history": history, "world_size": world, "images": len(dataset)}
