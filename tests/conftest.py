@@ -75,6 +75,11 @@ def fast_overrides(root: Path, runs: Path, **extra) -> list[str]:
         "train.progress": False,
         "maps.scales": "[1.0]",
         "maps.precision": "fp32",
+        "seg.pretrained": False,
+        "seg.epochs": 1,
+        "seg.batch_size": 4,
+        "seg.crop_size": 48,
+        "seg.output_stride": 32,
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

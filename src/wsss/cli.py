@@ -1,4 +1,5 @@
-"""``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them."""
+"""``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them and
+``report RUN_DIR`` for an HTML page of a finished run."""
 
 from __future__ import annotations
 
@@ -41,6 +42,21 @@ def cmd_pseudo(args):
     print(f"pseudo masks: {stage.dir / info['split']}  (background threshold: {info.get('bg_threshold')})")
 
 
+def cmd_train_seg(args):
+    from wsss.stages import seg
+
+    stage = seg.train(_context(args))
+    print(f"segmentation network: {stage.dir / 'model.pt'}")
+
+
+def cmd_predict(args):
+    from wsss.stages import seg
+
+    stage = seg.predict(_context(args))
+    info = stage.info()
+    print(f"predictions: {stage.dir / info['split']}  ({info['images']} images)")
+
+
 def cmd_eval(args):
     from wsss.stages import evaluate
 
@@ -59,6 +75,12 @@ def cmd_run(args):
     metrics = run_stage.run(ctx)
     print("\n".join(evaluate.summary_lines(metrics)))
     print(f"metrics: {ctx.run_dir / 'metrics.json'}   (wall time {time.perf_counter() - t0:.0f} s)")
+
+
+def cmd_report(args):
+    from wsss.report import write_report
+
+    print(write_report(args.run_dir, args.images))
 
 
 def cmd_prepare(args):
@@ -92,13 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     stage("train-cls", cmd_train_cls, "train the classifier (stage 1)")
     stage("maps", cmd_maps, "localization maps (stage 2)")
     stage("pseudo", cmd_pseudo, "pseudo masks (stage 3)")
-    stage("eval", cmd_eval, "score maps and pseudo masks, write metrics.json")
+    stage("train-seg", cmd_train_seg, "train the segmentation network on pseudo masks (stage 4)")
+    stage("predict", cmd_predict, "segment a split with the segmentation network alone (stage 5)")
+    stage("eval", cmd_eval, "score maps, pseudo masks and predictions, write metrics.json")
     stage("run", cmd_run, "all stages, reusing those whose config is unchanged")
     pr = sub.add_parser("prepare", help="check a downloaded dataset's layout and build derived files")
     pr.add_argument("format", choices=["voc", "coco", "msrc"])
     pr.add_argument("root")
     pr.add_argument("--check-only", action="store_true", help="report, write nothing")
     pr.set_defaults(fn=cmd_prepare)
+    rp = sub.add_parser("report", help="write a self-contained HTML page of a run: metrics, charts, maps, masks")
+    rp.add_argument("run_dir", help="run directory, e.g. runs/<name>")
+    rp.add_argument("--images", type=int, default=12, metavar="N", help="images shown per split (default 12)")
+    rp.set_defaults(fn=cmd_report)
     ls = sub.add_parser("list", help="registered methods, backbones and localizers")
     ls.set_defaults(fn=cmd_list)
     return p

@@ -117,6 +117,55 @@ class PseudoConfig:
 
 
 @dataclass
+class CrfConfig:
+    """Dense CRF (Kraehenbuehl & Koltun, NIPS 2011) as used by DeepLab / PSA / IRN; see wsss.refine.crf."""
+
+    #: refine pseudo masks with the CRF
+    enabled: bool = False
+    #: unary = softmax(maps / temperature) over the image's classes (+ background)
+    temperature: float = 0.1
+    iterations: int = 10
+    gaussian_sxy: float = 3.0
+    gaussian_compat: float = 3.0
+    bilateral_sxy: float = 80.0
+    bilateral_srgb: float = 13.0
+    bilateral_compat: float = 10.0
+    #: datasets with background: PSA/IRN confident regions -- CRF at a low and a high background threshold, pixels
+    #: where the two disagree become ignore (255). null = one CRF at the chosen threshold
+    confident_bg_low: float | None = None
+    confident_bg_high: float | None = None
+    #: worker processes over images
+    workers: int = 2
+
+
+@dataclass
+class SegConfig:
+    """Segmentation network trained on pseudo masks (stage 4); see wsss.seg."""
+
+    #: `wsss run` trains and evaluates the segmentation network (false: stop after pseudo masks)
+    enabled: bool = True
+    #: backbone registered in wsss.models.backbones, with torchvision's DeepLabV3 (ASPP) head
+    backbone: str = "mobilenet_v2"
+    output_stride: Literal[16, 32] = 16
+    #: ASPP dilation rates (DeepLabV3 at output stride 16: 6, 12, 18)
+    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    pretrained: bool = True
+    #: pseudo = the pseudo masks of this run; gt = ground-truth masks (the fully supervised upper bound)
+    masks: Literal["pseudo", "gt"] = "pseudo"
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 0.01
+    head_lr_mult: float = 10.0
+    crop_size: int = 320
+    scale_range: tuple[float, float] = (0.7, 1.3)
+    #: inference views
+    scales: list[float] = field(default_factory=lambda: [1.0])
+    flip: bool = True
+    #: split predicted and scored (never trained on)
+    predict_split: str = "test"
+
+
+@dataclass
 class EvalConfig:
     #: thresholds scored by the sweep (background threshold, or confidence threshold without background)
     sweep: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
@@ -136,4 +185,6 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    crf: CrfConfig = field(default_factory=CrfConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

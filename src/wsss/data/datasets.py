@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -124,5 +123,18 @@ def stack(items: list[dict]) -> dict:
     return out
 
 
-def numpy_image(sample: Sample) -> np.ndarray:
-    return load_image(sample.image)
+class SegmentationDataset(Dataset):
+    """Images with masks (pseudo or ground truth) for the segmentation network; items are ``(index, seed)``."""
+
+    def __init__(self, samples: list[Sample], masks, transform: TrainTransform):
+        self.samples, self.masks, self.transform = samples, masks, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, seed = item
+        s = self.samples[index]
+        rgb = load_image(s.image)
+        img, mask = self.transform(rgb, self.masks(s, rgb.shape[:2]), seed)
+        return {"image": img, "mask": mask.long(), "index": index}

@@ -59,4 +59,5 @@ class RunContext:
 
     def pseudo_key(self) -> str:
         c = self.cfg
-        return config_hash(self.maps_key(), c.pseudo, c.eval)
+        crf = _without(c.crf, "workers") if c.crf.enabled else {"enabled": False}
+        return config_hash(self.maps_key(), c.pseudo, c.eval, crf)

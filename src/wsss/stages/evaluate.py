@@ -55,6 +55,25 @@ def _score_split(ctx: RunContext, maps, split: str, bg_threshold) -> dict:
     return out
 
 
+def _score_predictions(ctx: RunContext) -> dict:
+    """The segmentation network alone on ``seg.predict_split`` (never trained on)."""
+    from wsss.stages import seg as seg_stage
+
+    pred = seg_stage.predict(ctx)
+    split = pred.info()["split"]
+    conf = np.zeros((ctx.spec.num_classes,) * 2, np.int64)
+    for s in ctx.reader.samples(split):
+        if s.mask is None:
+            continue
+        p = np.asarray(Image.open(pred.dir / split / f"{s.id}.png"))
+        conf += confusion_matrix(ctx.reader.load_mask(s, p.shape), p, ctx.spec.num_classes, ctx.spec.ignore_index)
+    seg_info = (ctx.run_dir / "seg" / "stage.json")
+    return {"split": split, "masks": ctx.cfg.seg.masks, "backbone": f"DeepLabV3/{ctx.cfg.seg.backbone}",
+            **segmentation_scores(conf, ctx.spec.classes),
+            "predict_images_per_s": pred.info().get("images_per_s"),
+            "train_seconds": json.loads(seg_info.read_text()).get("train_seconds") if seg_info.exists() else None}
+
+
 def run(ctx: RunContext) -> dict:
     t0 = time.perf_counter()
     pseudo = pseudo_stage.run(ctx)
@@ -95,6 +114,8 @@ def run(ctx: RunContext) -> dict:
         "maps": maps.info().get("splits"),
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
+    if cfg.seg.enabled:
+        metrics["seg"] = _score_predictions(ctx)
     summary = ctx.run_dir / "cls" / "summary.json"
     if summary.exists():
         epochs = json.loads(summary.read_text())["history"]
@@ -121,4 +142,8 @@ def summary_lines(metrics: dict) -> list[str]:
     if "pseudo" in metrics:
         p = metrics["pseudo"]
         lines.append(f"  pseudo masks ({p['split']}): mIoU {p['miou']}")
+    if "seg" in metrics:
+        s = metrics["seg"]
+        lines.append(f"  segmentation network ({s['backbone']}, trained on {s['masks']} masks) on {s['split']}: "
+                     f"mIoU {s['miou']}  class-avg acc {s['class_avg_acc']}  pixel acc {s['pixel_acc']}")
     return lines

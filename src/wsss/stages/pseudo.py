@@ -3,16 +3,28 @@
 For a dataset with a background class and ``pseudo.bg_threshold: null``, the threshold is chosen by a sweep on the
 declared selection split (``eval.select_on``, val by default), never on the split that is reported; the choice is
 recorded in the stage info and in metrics.json.
+
+With ``crf.enabled`` the masks are dense-CRF refinements of the maps on the original images
+(:func:`wsss.refine.crf_pseudo_mask`), computed in ``crf.workers`` processes over images; this process loads the
+maps and writes every mask file (atomically). The background threshold is still the one chosen by the sweep over
+the *raw* maps (:func:`choose_bg_threshold`), not one swept over CRF masks: a CRF per image per threshold on the
+selection split would cost far more than the sweep, and the CRF only moves boundaries, so the threshold that best
+separates object from background in the maps is a sound choice for it too. With confident regions
+(``crf.confident_bg_low`` / ``crf.confident_bg_high``) the chosen threshold only matters to ``pseudo.ignore_below``.
+Speed is recorded as ``crf_images_per_s`` in the stage info.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 from wsss.data.io import save_mask_png
 from wsss.errors import ConfigError
 from wsss.evaluation import ThresholdSweep
 from wsss.pseudo import pseudo_mask
+from wsss.refine import check_crf_config, crf_job, refine_many
 from wsss.runs import Stage
 from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
@@ -38,7 +50,31 @@ def choose_bg_threshold(ctx: RunContext, maps: Stage) -> dict:
     return {"bg_threshold": best["threshold"], "chosen_on": split, "miou_on_selection_split": best["miou"]}
 
 
+def _write_crf_masks(ctx: RunContext, maps: Stage, split: str, out: Path, bg_threshold: float | None) -> dict:
+    """CRF pseudo masks of ``split`` computed in worker processes, written here (atomically) in split order."""
+    crf = ctx.cfg.crf
+    if crf.confident_bg_low is not None and ctx.spec.background is None:
+        log.warning("pseudo: crf.confident_bg_low/high apply to datasets with a background class only; ignored")
+    samples = ctx.reader.samples(split)
+    jobs = ({"image": str(s.image), "maps": m["maps"], "classes": m["classes"], "spec": ctx.spec,
+             "bg_threshold": bg_threshold, "cfg": crf, "ignore_below": ctx.cfg.pseudo.ignore_below}
+            for s, m in maps_stage.iter_maps(maps, ctx, split))
+    palette = ctx.spec.palette_bytes()
+    t0 = time.perf_counter()
+    n = 0
+    # iter_maps yields the split's samples in this same order, and refine_many keeps job order
+    for s, mask in zip(samples, refine_many(crf_job, jobs, crf.workers), strict=True):
+        save_mask_png(out / f"{s.id}.png", mask, palette)
+        n += 1
+    seconds = time.perf_counter() - t0
+    log.info("pseudo: CRF masks of %d images in %.1f s (%d workers)", n, seconds, crf.workers)
+    return {"images": n, "crf_images_per_s": round(n / max(seconds, 1e-9), 2), "crf_seconds": round(seconds, 2),
+            "crf_workers": crf.workers}
+
+
 def run(ctx: RunContext) -> Stage:
+    if ctx.cfg.crf.enabled:
+        check_crf_config(ctx.cfg.crf)  # before the classifier and the maps, which may take hours
     maps = maps_stage.run(ctx)
     stage = Stage(ctx.run_dir, "pseudo", ctx.pseudo_key())
     if stage.complete:
@@ -49,6 +85,9 @@ def run(ctx: RunContext) -> Stage:
     split = ctx.split_name(ctx.cfg.pseudo.split)
     out = stage.dir / split
     palette = ctx.spec.palette_bytes()
+    if ctx.cfg.crf.enabled:
+        stage.finish(split=split, **_write_crf_masks(ctx, maps, split, out, choice["bg_threshold"]), **choice)
+        return stage
     n = 0
     for s, m in maps_stage.iter_maps(maps, ctx, split):
         mask = pseudo_mask(m["maps"], m["classes"], ctx.spec, choice["bg_threshold"], ctx.cfg.pseudo.ignore_below)

@@ -1,0 +1,109 @@
+"""The segmentation network: overfits a handful of images, resumes after a kill, refuses foreign checkpoints, checks
+its pseudo-mask folder, and predicts without image labels."""
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wsss.config import load_config
+from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
+from wsss.errors import CheckpointError, DataError
+from wsss.evaluation import confusion_matrix, segmentation_scores
+from wsss.stages import pseudo as pseudo_stage
+from wsss.stages import seg as seg_stage
+from wsss.stages.context import RunContext
+
+from conftest import fast_overrides
+
+
+def _quadrant_dataset(root):
+    """Two 128x128 images of four coloured 64x64 blocks (a class each): big regions, so the stride-16 network can
+    resolve them and overfitting is a question of the trainer, not of resolution."""
+    import json
+
+    colours = [(200, 40, 40), (40, 190, 60), (50, 60, 210), (128, 128, 128)]
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for k, order in enumerate([(0, 1, 2, 3), (3, 2, 0, 1)]):
+        img, mask = np.zeros((128, 128, 3), np.uint8), np.zeros((128, 128), np.uint8)
+        for q, c in enumerate(order):
+            ys, xs = slice(64 * (q // 2), 64 * (q // 2 + 1)), slice(64 * (q % 2), 64 * (q % 2 + 1))
+            img[ys, xs], mask[ys, xs] = colours[c], c
+        Image.fromarray(img).save(root / "JPEGImages" / f"q{k}.jpg", quality=98)
+        Image.fromarray(mask, "L").save(root / "SegmentationClass" / f"q{k}.png")
+    for split in ("train", "val", "test"):
+        (root / "ImageSets/Segmentation" / f"{split}.txt").write_text("q0\nq1\n")
+    (root / "dataset.json").write_text(json.dumps({"classes": ["red", "green", "blue", "grey"], "background": None}))
+    return root
+
+
+def test_overfits_a_handful_of_images(tmp_path):
+    root = _quadrant_dataset(tmp_path / "quad")
+    cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{
+        "seg.masks": "gt", "seg.pretrained": True, "seg.output_stride": 16, "seg.epochs": 30, "seg.batch_size": 2,
+        "seg.crop_size": 128, "seg.scale_range": "[1.0, 1.0]", "seg.lr": 0.01, "seg.predict_split": "train",
+        "seg.flip": False}))
+    ctx = RunContext(cfg)
+    pred = seg_stage.predict(ctx)
+    conf = sum(confusion_matrix(ctx.reader.load_mask(s), np.asarray(Image.open(pred.dir / "train" / f"{s.id}.png")), 4)
+               for s in ctx.reader.samples("train"))
+    miou = segmentation_scores(conf, ctx.spec.classes)["miou"]
+    assert miou > 95, miou
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill(epoch):
+    if epoch == 1:
+        raise Killed
+
+
+def test_killed_training_resumes(fast_cfg):
+    ctx = RunContext(fast_cfg(**{"train.epochs": 1, "seg.epochs": 2}))
+    with pytest.raises(Killed):
+        seg_stage.train(ctx, after_epoch=_kill)
+    assert (ctx.run_dir / "seg" / "last.ckpt").exists()
+    stage = seg_stage.train(RunContext(fast_cfg(**{"train.epochs": 1, "seg.epochs": 2})))
+    assert stage.complete
+    log = (stage.dir / "log.jsonl").read_text().splitlines()
+    assert len(log) == 2  # epoch 1 from the killed run, epoch 2 after resuming
+
+
+def test_prediction_from_checkpoint_of_another_class_set(fast_cfg):
+    ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
+    stage = seg_stage.train(ctx)
+    state = load_checkpoint(stage.dir / "model.pt")
+    state["meta"]["classes"] = ["background", "cat"]
+    save_checkpoint(stage.dir / "model.pt", state)
+    with pytest.raises(CheckpointError, match="classes"):
+        seg_stage.predict(ctx)
+
+
+def test_pseudo_folder_missing_and_extra_files(fast_cfg, caplog):
+    ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
+    p = pseudo_stage.run(ctx)
+    folder = p.dir / "train"
+    files = sorted(folder.glob("*.png"))
+    (folder / "stray.png").write_bytes(files[0].read_bytes())
+    with caplog.at_level(logging.WARNING):
+        seg_stage.check_pseudo_folder(folder, ctx.reader.samples("train"))
+    assert any("stray" in r.message for r in caplog.records)
+    files[1].unlink()
+    with pytest.raises(DataError) as e:
+        seg_stage.train(ctx)
+    assert files[1].stem in str(e.value) and "missing" in str(e.value)
+
+
+def test_large_image_is_downscaled_with_a_warning(fast_cfg, monkeypatch, caplog):
+    monkeypatch.setattr(seg_stage, "MAX_PREDICT_PIXELS", 40 * 40)
+    ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
+    with caplog.at_level(logging.WARNING):
+        stage = seg_stage.predict(ctx)
+    assert stage.info()["downscaled"] == 4
+    assert any("to fit memory" in r.message for r in caplog.records)
+    pred = np.asarray(Image.open(next((stage.dir / "test").glob("*.png"))))
+    assert pred.shape == (48, 64)  # back at the image's own size
