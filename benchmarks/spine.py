@@ -19,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
 CONFIG = REPO / "configs" / "msrc21.yaml"
+SPEED_MODEL_RUN = "calib"
 
 
 def quality(args) -> None:
@@ -49,33 +50,26 @@ def quality(args) -> None:
 # --- speed: each case runs in a fresh process so that peak RSS belongs to that case alone ---------------------------
 
 def _setup(n_images: int):
+    """The trained classifier of the quality run (runs/calib) when present, else an untrained one: speed is the same."""
+    import dataclasses
+
     import torch
 
     from wsss.config import load_config
-    from wsss.data.datasets import InferenceDataset, label_vector
-    from wsss.stages.context import RunContext
-    from wsss.stages.maps import load_classifier
+    from wsss.data.datasets import InferenceDataset
+    from wsss.data.readers import open_dataset
+    from wsss.methods import build_method
 
     torch.set_num_threads(2)
-    cfg = load_config(CONFIG, ["name=bench-speed-model", "train.progress=false"])
-    ctx = RunContext(cfg)
-    # the trained classifier of the quality run when present; its speed equals an untrained one's
-    src = REPO / "runs" / "spine-bench" / "cls" / "model.pt"
-    if src.exists():
-        import shutil
-
-        from wsss.runs import Stage
-
-        st = Stage(ctx.run_dir, "cls", ctx.cls_key())
-        st.open()
-        shutil.copy(src, st.dir / "model.pt")
-        st.finish()
-    model = load_classifier(ctx)
-    ds = InferenceDataset(ctx.reader.samples("train")[:n_images], ctx.spec)
-    items = [ds[i] for i in range(len(ds))]
-    for it in items:
-        it["labels"] = label_vector(ds.samples[it["index"]].labels, ctx.spec)
-    return model, items
+    cfg = load_config(CONFIG, ["train.progress=false"])
+    reader = open_dataset(cfg.data)
+    model = build_method("cam").build_model(dataclasses.replace(cfg.model, pretrained=False), reader.spec.num_fg)
+    trained = REPO / "runs" / SPEED_MODEL_RUN / "cls" / "model.pt"
+    if trained.exists():
+        model.load_state_dict(torch.load(trained, weights_only=True)["model"])
+    model.eval()
+    ds = InferenceDataset(reader.samples("train")[:n_images], reader.spec)
+    return model, [ds[i] for i in range(len(ds))]
 
 
 def speed_case(case: str, n_images: int) -> dict:
