@@ -33,7 +33,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[bench]'
-	$(PY) benchmarks/spine.py
+	$(PY) benchmarks/spine.py quality --name calib
+	$(PY) benchmarks/spine.py speed
+	$(PY) benchmarks/crf_seg.py --name calib
 
 clean-venv:
 	rm -rf $(VENV)

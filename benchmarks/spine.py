@@ -31,7 +31,8 @@ def quality(args) -> None:
     variants = [("cam", ""), ("grad_cam", ""), ("grad_cam_pp", ""), ("grad_cam", "13"), ("grad_cam_pp", "13")]
     for loc, layer in variants:
         overrides = [f"name={args.name}", f"maps.localizer={loc}", f"maps.target_layer={layer!r}" if layer
-                     else "maps.target_layer=''", "train.progress=false", *args.overrides]
+                     else "maps.target_layer=''", "train.progress=false", "crf.enabled=false", "seg.enabled=false",
+                     *args.overrides]
         t0 = time.perf_counter()
         m = evaluate.run(RunContext(load_config(CONFIG, overrides)))
         key = loc + (f"@{layer}" if layer else "")

@@ -53,6 +53,15 @@ def make_voc_dataset(root: Path, splits=(("train", 8), ("val", 4), ("test", 4)),
     return root
 
 
+class Killed(Exception):
+    """Stands for a kill of the process: raised from a training's after-epoch hook."""
+
+
+def kill_after_first_epoch(epoch: int) -> None:
+    if epoch == 1:
+        raise Killed
+
+
 @pytest.fixture
 def toy_root(tmp_path) -> Path:
     return make_voc_dataset(tmp_path / "toy")

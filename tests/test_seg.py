@@ -15,7 +15,7 @@ from wsss.stages import pseudo as pseudo_stage
 from wsss.stages import seg as seg_stage
 from wsss.stages.context import RunContext
 
-from conftest import fast_overrides
+from conftest import Killed, fast_overrides, kill_after_first_epoch
 
 
 def _quadrant_dataset(root):
@@ -53,19 +53,11 @@ def test_overfits_a_handful_of_images(tmp_path):
     assert miou > 95, miou
 
 
-class Killed(Exception):
-    pass
-
-
-def _kill(epoch):
-    if epoch == 1:
-        raise Killed
-
 
 def test_killed_training_resumes(fast_cfg):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "seg.epochs": 2}))
     with pytest.raises(Killed):
-        seg_stage.train(ctx, after_epoch=_kill)
+        seg_stage.train(ctx, after_epoch=kill_after_first_epoch)
     assert (ctx.run_dir / "seg" / "last.ckpt").exists()
     stage = seg_stage.train(RunContext(fast_cfg(**{"train.epochs": 1, "seg.epochs": 2})))
     assert stage.complete

@@ -12,14 +12,7 @@ from wsss.methods import build_method
 from wsss.stages import train_cls
 from wsss.stages.context import RunContext
 
-
-class Killed(Exception):
-    pass
-
-
-def _kill_after_first_epoch(epoch):
-    if epoch == 1:
-        raise Killed
+from conftest import Killed, kill_after_first_epoch
 
 
 def _weights(path):
@@ -32,7 +25,7 @@ def test_resumed_training_equals_uninterrupted(fast_cfg):
 
     ctx = RunContext(fast_cfg(name="killed", **{"train.epochs": 3}))
     with pytest.raises(Killed):
-        train_cls.run(ctx, after_epoch=_kill_after_first_epoch)
+        train_cls.run(ctx, after_epoch=kill_after_first_epoch)
     assert (ctx.run_dir / "cls" / "last.ckpt").exists() and not (ctx.run_dir / "cls" / "model.pt").exists()
     stage = train_cls.run(RunContext(fast_cfg(name="killed", **{"train.epochs": 3})))
     assert stage.complete
@@ -84,7 +77,7 @@ def test_checkpoint_from_another_model_is_rejected(tmp_path):
 def test_resume_from_checkpoint_of_another_model_fails_clearly(fast_cfg):
     ctx = RunContext(fast_cfg(name="x", **{"train.epochs": 2}))
     with pytest.raises(Killed):
-        train_cls.run(ctx, after_epoch=_kill_after_first_epoch)
+        train_cls.run(ctx, after_epoch=kill_after_first_epoch)
     last = ctx.run_dir / "cls" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     state["meta"]["backbone"] = "resnet50"

@@ -154,7 +154,8 @@ class SegConfig:
     masks: Literal["pseudo", "gt"] = "pseudo"
     epochs: int = 20
     batch_size: int = 8
-    lr: float = 0.01
+    #: 0.01 (the classifier's rate) leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
+    lr: float = 0.001
     head_lr_mult: float = 10.0
     crop_size: int = 320
     scale_range: tuple[float, float] = (0.7, 1.3)

@@ -30,7 +30,9 @@ class DeepLabV3(BackboneModel):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = self.head(self.backbone(x))
-        return {"logits": F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)}
+        # upsampled in fp32: under bf16 autocast the backward of the upsampling sums hundreds of per-pixel gradients
+        # per feature cell in bf16 (8-bit mantissa), loses them, and the network stops learning (CE stuck at 2.7)
+        return {"logits": F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)}
 
 
 def _pooling_branch_groupnorm(aspp: ASPP, groups: int = 32) -> None:
