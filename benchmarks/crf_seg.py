@@ -13,11 +13,7 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from wsss.config import load_config
-from wsss.evaluation import confusion_matrix, segmentation_scores
 from wsss.stages import evaluate
 from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
@@ -29,11 +25,7 @@ CONFIG = REPO / "configs" / "msrc21.yaml"
 def pseudo_miou(ctx: RunContext) -> tuple[float, float]:
     stage = pseudo_stage.run(ctx)
     split = stage.info()["split"]
-    conf = 0
-    for s in ctx.reader.samples(split):
-        pred = np.asarray(Image.open(stage.dir / split / f"{s.id}.png"))
-        conf = conf + confusion_matrix(ctx.reader.load_mask(s, pred.shape), pred, ctx.spec.num_classes)
-    return segmentation_scores(conf, ctx.spec.classes)["miou"], stage.info().get("crf_images_per_s")
+    return evaluate.score_mask_folder(ctx, stage.dir / split, split)["miou"], stage.info().get("crf_images_per_s")
 
 
 def main() -> None:

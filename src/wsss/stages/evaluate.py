@@ -55,21 +55,27 @@ def _score_split(ctx: RunContext, maps, split: str, bg_threshold) -> dict:
     return out
 
 
+def score_mask_folder(ctx: RunContext, folder, split: str) -> dict:
+    """Scores of a folder of mask PNGs (pseudo masks, predictions) against the ground truth of a split: one confusion
+    matrix over the images that have ground truth."""
+    conf = np.zeros((ctx.spec.num_classes,) * 2, np.int64)
+    for s in ctx.reader.samples(split):
+        if s.mask is None:
+            continue
+        pred = np.asarray(Image.open(folder / f"{s.id}.png"))
+        conf += confusion_matrix(ctx.reader.load_mask(s, pred.shape), pred, ctx.spec.num_classes, ctx.spec.ignore_index)
+    return segmentation_scores(conf, ctx.spec.classes)
+
+
 def _score_predictions(ctx: RunContext) -> dict:
     """The segmentation network alone on ``seg.predict_split`` (never trained on)."""
     from wsss.stages import seg as seg_stage
 
     pred = seg_stage.predict(ctx)
     split = pred.info()["split"]
-    conf = np.zeros((ctx.spec.num_classes,) * 2, np.int64)
-    for s in ctx.reader.samples(split):
-        if s.mask is None:
-            continue
-        p = np.asarray(Image.open(pred.dir / split / f"{s.id}.png"))
-        conf += confusion_matrix(ctx.reader.load_mask(s, p.shape), p, ctx.spec.num_classes, ctx.spec.ignore_index)
     seg_info = (ctx.run_dir / "seg" / "stage.json")
     return {"split": split, "masks": ctx.cfg.seg.masks, "backbone": f"DeepLabV3/{ctx.cfg.seg.backbone}",
-            **segmentation_scores(conf, ctx.spec.classes),
+            **score_mask_folder(ctx, pred.dir / split, split),
             "predict_images_per_s": pred.info().get("images_per_s"),
             "train_seconds": json.loads(seg_info.read_text()).get("train_seconds") if seg_info.exists() else None}
 
@@ -99,17 +105,8 @@ def run(ctx: RunContext) -> dict:
         metrics["splits"][split] = _score_split(ctx, maps, split, bg)
     # the pseudo masks as written (ignore band included)
     split = info["split"]
-    conf = np.zeros((ctx.spec.num_classes,) * 2, np.int64)
-    scored = 0
-    for s in ctx.reader.samples(split):
-        if s.mask is None:
-            continue
-        pred = np.asarray(Image.open(pseudo.dir / split / f"{s.id}.png"))
-        conf += confusion_matrix(ctx.reader.load_mask(s, pred.shape), pred, ctx.spec.num_classes,
-                                 ctx.spec.ignore_index)
-        scored += 1
-    if scored:
-        metrics["pseudo"] = {"split": split, **segmentation_scores(conf, ctx.spec.classes)}
+    if any(s.mask is not None for s in ctx.reader.samples(split)):
+        metrics["pseudo"] = {"split": split, **score_mask_folder(ctx, pseudo.dir / split, split)}
     metrics["timing"] = {
         "maps": maps.info().get("splits"),
         "eval_seconds": round(time.perf_counter() - t0, 2),
