@@ -13,7 +13,7 @@ import numpy as np
 
 from wsss.data.spec import DatasetSpec
 from wsss.evaluation.metrics import confusion_matrix, segmentation_scores
-from wsss.pseudo.masks import pseudo_mask
+from wsss.pseudo.masks import best_class, pseudo_mask, threshold_mask
 
 
 class ThresholdSweep:
@@ -29,11 +29,14 @@ class ThresholdSweep:
         spec = self.spec
         valid = gt != spec.ignore_index
         self.total += int(valid.sum())
+        # the arg-max over classes is the same for every threshold: once per image
+        best = best_class(maps, classes) if len(classes) else None
         for i, t in enumerate(self.thresholds):
-            if spec.background is not None:
-                pred = pseudo_mask(maps, classes, spec, bg_threshold=t)
+            bg, low = (t, None) if spec.background is not None else (None, t)
+            if best is None:
+                pred = pseudo_mask(maps, classes, spec, bg, low)
             else:
-                pred = pseudo_mask(maps, classes, spec, ignore_below=t)
+                pred = threshold_mask(*best, spec, bg, low)
             self.conf[i] += confusion_matrix(gt, pred, spec.num_classes, spec.ignore_index)
             self.labelled[i] += int((valid & (pred != spec.ignore_index)).sum())
 

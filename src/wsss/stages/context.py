@@ -19,7 +19,7 @@ from wsss.data.spec import DatasetSpec
 log = logging.getLogger("wsss")
 
 
-def _without(obj, *names: str) -> dict:
+def without(obj, *names: str) -> dict:
     d = dataclasses.asdict(obj)
     for n in names:
         d.pop(n, None)
@@ -49,15 +49,15 @@ class RunContext:
     # -- stage keys ------------------------------------------------------------------------------------------------
     def cls_key(self) -> str:
         c = self.cfg
-        data = _without(c.data, "workers", "val_split", "test_split")
-        return config_hash(data, c.model, c.method, _without(c.train, "progress"), c.seed)
+        data = without(c.data, "workers", "val_split", "test_split")
+        return config_hash(data, c.model, c.method, without(c.train, "progress"), c.seed)
 
     def maps_key(self) -> str:
         c = self.cfg
         splits = [self.split_name(s) for s in c.maps.splits]
-        return config_hash(self.cls_key(), _without(c.maps, "batch_size"), splits)
+        return config_hash(self.cls_key(), without(c.maps, "batch_size"), splits)
 
     def pseudo_key(self) -> str:
         c = self.cfg
-        crf = _without(c.crf, "workers") if c.crf.enabled else {"enabled": False}
+        crf = without(c.crf, "workers") if c.crf.enabled else {"enabled": False}
         return config_hash(self.maps_key(), c.pseudo, c.eval, crf)

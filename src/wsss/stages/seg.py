@@ -23,7 +23,7 @@ from wsss.errors import DataError
 from wsss.runs import Stage
 from wsss.seg.model import DeepLabV3, predict_probs, seg_meta
 from wsss.stages import pseudo as pseudo_stage
-from wsss.stages.context import RunContext, _without
+from wsss.stages.context import RunContext, without
 
 log = logging.getLogger("wsss.stages")
 
@@ -73,10 +73,10 @@ class SegTask(TrainTask):
 
 def seg_key(ctx: RunContext) -> str:
     c = ctx.cfg
-    source = ctx.pseudo_key() if c.seg.masks == "pseudo" else config_hash(_without(c.data, "workers"), "gt")
+    source = ctx.pseudo_key() if c.seg.masks == "pseudo" else config_hash(without(c.data, "workers"), "gt")
     engine = {k: getattr(c.train, k) for k in ("precision", "channels_last", "devices", "momentum", "weight_decay",
                                                 "poly_power")}
-    return config_hash(source, _without(c.seg, "scales", "flip", "predict_split"), engine, c.seed)
+    return config_hash(source, without(c.seg, "scales", "flip", "predict_split"), engine, c.seed)
 
 
 def check_pseudo_folder(folder: Path, samples: list[Sample]) -> None:
