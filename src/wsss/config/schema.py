@@ -108,6 +108,9 @@ class MapsConfig:
 
 @dataclass
 class PseudoConfig:
+    #: cam: the maps alone decide object extent (background threshold); saliency: a saliency map decides extent and
+    #: the maps decide the class (Oh et al., CVPR 2017; settings in the ``saliency`` section, see wsss.saliency)
+    method: Literal["cam", "saliency"] = "cam"
     #: background score for datasets with a background class; null = the value chosen on val by the sweep
     bg_threshold: float | None = None
     #: pixels whose winning normalised score is below this become ignore (255); null = no ignore band
@@ -136,6 +139,40 @@ class CrfConfig:
     confident_bg_high: float | None = None
     #: worker processes over images
     workers: int = 2
+
+
+@dataclass
+class SaliencyConfig:
+    """Saliency-guided pseudo masks (Oh et al., CVPR 2017), used with ``pseudo.method: saliency``; see wsss.saliency."""
+
+    #: saliency source registered in wsss.saliency: spectral_residual (Hou & Zhang, CVPR 2007; needs no file),
+    #: frequency_tuned (Achanta et al., CVPR 2009), onnx (a salient-object model file), folder (precomputed PNGs)
+    source: str = "spectral_residual"
+    #: a pixel is object where its saliency (in [0, 1]) is above this; null = chosen on eval.select_on by a sweep
+    #: over eval.sweep (each source has its own scale, so a fixed value rarely transfers between sources)
+    threshold: float | None = None
+    #: pixels whose saliency is within this distance of the threshold become ignore (255); null = no band
+    ignore_band: float | None = None
+    #: salient pixels whose best normalised map score among the image's classes is below this become ignore (255)
+    #: (salient, but no labelled class claims them); null = off
+    min_cam: float | None = None
+    #: with crf.enabled: probability of the fused label in the CRF unary, the rest spread evenly (IRN's gt_prob)
+    crf_gt_prob: float = 0.7
+    #: spectral_residual: width the grey image is resized to (Hou & Zhang: 64) and the Gaussian smoothing sigma at
+    #: that width (their code: 2.5)
+    sr_width: int = 64
+    sr_blur_sigma: float = 2.5
+    #: onnx: model file; input (height, width), null = the model's own fixed input size; per-channel mean and std of
+    #: the [0, 1] RGB input; how the output becomes [0, 1] (probability: clipped; logit: sigmoid; minmax: per image,
+    #: as U2-Net's normPRED); which output (null = the first)
+    onnx_path: str | None = None
+    onnx_size: tuple[int, int] | None = None
+    onnx_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    onnx_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    onnx_output: Literal["probability", "logit", "minmax"] = "probability"
+    onnx_output_name: str | None = None
+    #: folder: precomputed saliency maps ``<folder>/<id>.png`` (8-bit grey, 0-255, image-sized; as WSSS-BED ships them)
+    folder: str | None = None
 
 
 @dataclass
@@ -187,5 +224,6 @@ class Config:
     maps: MapsConfig = field(default_factory=MapsConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)
+    saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     seg: SegConfig = field(default_factory=SegConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
