@@ -176,6 +176,25 @@ class SaliencyConfig:
 
 
 @dataclass
+class SecConfig:
+    """SEC losses (Kolesnikov & Lampert, ECCV 2016) for ``seg.loss: sec``; see wsss.seg.sec."""
+
+    #: the three losses, each switchable for ablation
+    seed: bool = True
+    expand: bool = True
+    constrain: bool = True
+    #: localization cue: pixels whose best normalised class map is at least this (one label per pixel)
+    seed_threshold: float = 0.5
+    #: datasets with background: background cue where every class map is below this
+    bg_cue_threshold: float = 0.05
+    #: GWRP decays: present foreground classes, background (absent classes use 0 = max pooling)
+    fg_decay: float = 0.996
+    bg_decay: float = 0.999
+    #: the losses are computed on logits resized to 1/output_stride of the crop (8: the paper's 41x41 for 321x321)
+    output_stride: int = 8
+
+
+@dataclass
 class SegConfig:
     """Segmentation network trained on pseudo masks (stage 4); see wsss.seg."""
 
@@ -189,6 +208,10 @@ class SegConfig:
     pretrained: bool = True
     #: pseudo = the pseudo masks of this run; gt = ground-truth masks (the fully supervised upper bound)
     masks: Literal["pseudo", "gt"] = "pseudo"
+    #: ce = cross-entropy on the masks (ignoring 255); sec = SEC's seed/expand/constrain losses on localization cues
+    #: from the maps (seg.sec.*; seg.masks must be pseudo)
+    loss: Literal["ce", "sec"] = "ce"
+    sec: SecConfig = field(default_factory=SecConfig)
     epochs: int = 20
     batch_size: int = 8
     #: 0.01 (the classifier's rate) leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
@@ -199,6 +222,8 @@ class SegConfig:
     #: inference views
     scales: list[float] = field(default_factory=lambda: [1.0])
     flip: bool = True
+    #: refine predictions with the dense CRF (crf.* kernel settings) on the image before the arg-max
+    crf_postprocess: bool = False
     #: split predicted and scored (never trained on)
     predict_split: str = "test"
 

@@ -29,10 +29,12 @@ class DeepLabV3(BackboneModel):
         _pooling_branch_groupnorm(self.head[0])
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        logits = self.head(self.backbone(x))
+        low = self.head(self.backbone(x))
         # upsampled in fp32: under bf16 autocast the backward of the upsampling sums hundreds of per-pixel gradients
         # per feature cell in bf16 (8-bit mantissa), loses them, and the network stops learning (CE stuck at 2.7)
-        return {"logits": F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)}
+        # "logits_low": at the head's resolution, for losses computed below the input size (SEC)
+        return {"logits": F.interpolate(low.float(), size=x.shape[-2:], mode="bilinear", align_corners=False),
+                "logits_low": low}
 
 
 def _pooling_branch_groupnorm(aspp: ASPP, groups: int = 32) -> None:
