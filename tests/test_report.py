@@ -285,3 +285,18 @@ def test_report_renders_in_headless_chromium(toy_run, tmp_path):
     assert img.size == (1400, 1000)
     colours = img.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 50, "screenshot is (nearly) blank"
+
+
+def test_bar_chart_legend_keeps_long_series_names():
+    from wsss.report.html import bar_chart_svg
+
+    long = "pseudo masks (train, CAM + dense CRF, temperature chosen on val)"
+    svg = bar_chart_svg(["grass", "sky"], [("a", long, {"grass": 50.0, "sky": 70.0}),
+                                          ("b", "maps (test)", {"grass": 40.0, "sky": None})])
+    width = float(re.search(r'width="(\d+)"', svg).group(1))
+    legend = re.findall(r'<text x="(\d+)" y="(\d+)" class="legend">([^<]*)</text>', svg)
+    assert [t for _x, _y, t in legend] == [long, "maps (test)"]
+    assert len({y for _x, y, _t in legend}) == 2  # one line each, not side by side
+    # the longest label (at ~6.6 px per character) ends inside the chart
+    x, _y, text = legend[0]
+    assert float(x) + 6.6 * len(text) <= width

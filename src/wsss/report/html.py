@@ -158,18 +158,18 @@ def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]
     label_w = int(min(220, max(70, 12 + 6.6 * longest)))
     bar_w, bh, gap, pad = 380, 12, 2, 8
     group_h = n * (bh + gap) - gap + pad
-    top = 30
+    # legend: one line per series, so a long series name is never cut off at the chart's edge
+    top = 16 * len(series) + 16
     height = top + len(classes) * group_h + 38
-    width = label_w + bar_w + 56
+    longest_label = max((len(label) for _k, label, _ in series), default=0)
+    width = max(label_w + bar_w + 56, label_w + 17 + int(6.6 * longest_label) + 8)
     out = [f'<svg class="chart bars" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="per-class IoU">']
-    # legend
-    x = label_w
     for j, (_key, label, _) in enumerate(series):
         colour = SERIES_COLOURS[j % len(SERIES_COLOURS)]
-        out.append(f'<rect x="{x}" y="8" width="12" height="12" fill="{colour}"/>'
-                   f'<text x="{x + 17}" y="18" class="legend">{_e(label)}</text>')
-        x += 30 + int(6.6 * len(label))
+        y = 8 + 16 * j
+        out.append(f'<rect x="{label_w}" y="{y}" width="12" height="12" fill="{colour}"/>'
+                   f'<text x="{label_w + 17}" y="{y + 10}" class="legend">{_e(label)}</text>')
     # grid
     y_end = top + len(classes) * group_h
     for t in range(0, 101, 20):
