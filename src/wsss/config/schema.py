@@ -183,8 +183,9 @@ class SecConfig:
     seed: bool = True
     expand: bool = True
     constrain: bool = True
-    #: localization cue: pixels whose best normalised class map is at least this (one label per pixel)
-    seed_threshold: float = 0.5
+    #: localization cue: pixels whose best normalised class map is at least this (one label per pixel; the
+    #: paper keeps pixels above 20 % of the class maximum)
+    seed_threshold: float = 0.2
     #: datasets with background: background cue where every class map is below this
     bg_cue_threshold: float = 0.05
     #: GWRP decays: present foreground classes, background (absent classes use 0 = max pooling)
