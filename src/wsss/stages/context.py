@@ -15,6 +15,7 @@ from pathlib import Path
 from wsss.config import Config, config_hash, dump_config
 from wsss.data.readers import Reader, open_dataset
 from wsss.data.spec import DatasetSpec
+from wsss.saliency import saliency_key
 
 log = logging.getLogger("wsss")
 
@@ -60,4 +61,6 @@ class RunContext:
     def pseudo_key(self) -> str:
         c = self.cfg
         crf = without(c.crf, "workers") if c.crf.enabled else {"enabled": False}
-        return config_hash(self.maps_key(), c.pseudo, c.eval, crf)
+        if c.pseudo.method == "cam":  # keys of CAM pseudo masks made before pseudo.method existed stay valid
+            return config_hash(self.maps_key(), without(c.pseudo, "method"), c.eval, crf)
+        return config_hash(self.maps_key(), c.pseudo, c.eval, crf, saliency_key(c.saliency, c.crf.enabled))

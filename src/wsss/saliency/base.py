@@ -1,0 +1,88 @@
+"""The saliency-source interface and its registry.
+
+A saliency source maps an image to a per-pixel "how much does this stand out as an object" score:
+``source(image, sample) -> (H, W) float32 in [0, 1]``, where ``image`` is the **uint8 RGB** image as loaded
+(:func:`wsss.data.io.load_image`) and ``sample`` its :class:`wsss.data.readers.Sample` (a source that reads
+precomputed maps needs its id). Sources are registered by name in :data:`SALIENCY_SOURCES` and built from the
+``saliency`` config section by :func:`build_source`; each validates its own ``saliency.*`` options at construction,
+with a :class:`~wsss.errors.ConfigError` naming the key.
+
+:meth:`SaliencySource.__call__` is the one place that enforces the contract (input an HxWx3 uint8 image, output an
+image-sized finite map in [0, 1]), so a source only says how its map is computed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from wsss.config.schema import SaliencyConfig
+from wsss.registry import Registry
+
+#: settings of the saliency section that every source's output depends on (through the fusion)
+COMMON_OPTIONS = ("source", "threshold", "ignore_band", "min_cam")
+
+
+class SaliencySource:
+    """Base class: subclasses set :attr:`options` and implement :meth:`compute`."""
+
+    #: the ``saliency.*`` keys this source reads; with :meth:`fingerprint` they enter the pseudo stage key
+    options: tuple[str, ...] = ()
+
+    def __init__(self, cfg: SaliencyConfig):
+        self.cfg = cfg
+
+    def compute(self, image: np.ndarray, sample: Any) -> np.ndarray:
+        """(H, W) saliency of ``image`` (HxWx3 uint8 RGB); any float dtype; values in [0, 1]."""
+        raise NotImplementedError
+
+    def check(self, samples: Sequence[Any]) -> None:
+        """Raise (before any expensive work) if some of ``samples`` cannot get a map. Default: every image can."""
+
+    @classmethod
+    def fingerprint(cls, cfg: SaliencyConfig) -> dict:
+        """What identifies the files this source reads (for stage keys); cheap, and never raises."""
+        return {}
+
+    def __call__(self, image: np.ndarray, sample: Any = None) -> np.ndarray:
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise TypeError(f"saliency: the image must be an HxWx3 uint8 RGB array (as loaded), got {what}")
+        out = np.asarray(self.compute(image, sample), dtype=np.float32)
+        name = type(self).__name__
+        if out.shape != image.shape[:2]:
+            raise ValueError(f"saliency source {name} returned a map of shape {out.shape} for a "
+                             f"{image.shape[0]}x{image.shape[1]} (HxW) image")
+        if not np.isfinite(out).all():
+            raise ValueError(f"saliency source {name} returned non-finite values")
+        # tolerate rounding just outside [0, 1] (resampling); anything further is a bug in the source
+        if out.size and (out.min() < -1e-3 or out.max() > 1 + 1e-3):
+            raise ValueError(f"saliency source {name} returned values in [{out.min():.4g}, {out.max():.4g}], "
+                             "outside [0, 1]")
+        return np.clip(out, 0.0, 1.0)
+
+
+SALIENCY_SOURCES: Registry[type[SaliencySource]] = Registry("saliency source")
+
+
+def build_source(cfg: SaliencyConfig) -> SaliencySource:
+    """The source named by ``cfg.source``, its options validated (ConfigError naming the key)."""
+    return SALIENCY_SOURCES.get(cfg.source)(cfg)
+
+
+def saliency_key(cfg: SaliencyConfig, crf_enabled: bool) -> dict:
+    """The saliency settings that change pseudo masks (for the pseudo stage key): the common ones, the chosen
+    source's own options and its file fingerprint, and ``crf_gt_prob`` when the CRF runs. An unknown source is
+    keyed by its name only (building the source reports it)."""
+    d = asdict(cfg)
+    keep = list(COMMON_OPTIONS) + (["crf_gt_prob"] if crf_enabled else [])
+    out: dict[str, Any] = {}
+    if cfg.source in SALIENCY_SOURCES:
+        cls = SALIENCY_SOURCES.get(cfg.source)
+        keep += list(cls.options)
+        out["files"] = cls.fingerprint(cfg)
+    out.update({k: d[k] for k in keep})
+    return out
