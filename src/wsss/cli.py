@@ -1,5 +1,5 @@
 """``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them and
-``report RUN_DIR`` for an HTML page of a finished run."""
+``report RUN_DIR`` for an HTML page of a finished run, ``bench methods`` for the method comparison table."""
 
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def cmd_prepare(args):
     print(report)
 
 
+def cmd_bench_methods(args):
+    from wsss.bench import bench_methods, load_method_overrides
+    from wsss.errors import ConfigError
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    per_method = load_method_overrides(args.method_overrides) if args.method_overrides else None
+    bench_methods(args.config, methods, seeds, args.overrides, per_method, prefix=args.prefix, out=args.out,
+                  show_logs=args.show_logs)
+
+
 def cmd_list(args):
     from wsss.localize import LOCALIZERS
     from wsss.methods import METHODS
@@ -129,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
     ls = sub.add_parser("list", help="registered methods, backbones and localizers")
     ls.set_defaults(fn=cmd_list)
+    bench = sub.add_parser("bench", help="benchmarks over several runs")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True)
+    bm = bench_sub.add_parser("methods", help="every method with the same config and seeds -> one comparison table")
+    bm.add_argument("--config", required=True, help="YAML config shared by every run")
+    bm.add_argument("--methods", help="comma-separated method names (default: every registered method)")
+    bm.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    bm.add_argument("--out", help="folder of table.md / table.json / logs (default <runs_dir>/<prefix>)")
+    bm.add_argument("--prefix", help="run names are <prefix>-<method>-s<seed> (default bench-<config stem>)")
+    bm.add_argument("--method-overrides", metavar="FILE.yaml",
+                    help="method name -> list of key=value (or a mapping of settings) for that method's runs only")
+    bm.add_argument("--show-logs", action="store_true", help="echo each run's output, not only progress")
+    bm.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. train.epochs=5")
+    bm.set_defaults(fn=cmd_bench_methods)
     return p
 
 
