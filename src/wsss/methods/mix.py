@@ -25,8 +25,10 @@ Where we differ from the papers, and why:
   sampler), so resumed runs still mix identically.
 - Mixup-CAM's weights: the paper's values could not be consulted here. Defaults 0.1 and 0.1 are untuned
   (choose them on val); with coordinates in [0, 1] a uniform map has L_con = 1/6 and the entropy is at most log K.
-  The concentration loss uses the classes with a non-zero mixed label, and adds 1e-3 to the ReLU map before
-  normalising, as SCOPS does, so a map that is zero everywhere has a finite gradient.
+  The concentration loss uses the classes with a non-zero mixed label, averaged over those (image, class) pairs
+  (the paper sums over an image's classes; the mean keeps the weight's meaning independent of how many classes an
+  image has), and adds 1e-3 to the ReLU map before normalising, as SCOPS does, so a map that is zero everywhere
+  has a finite gradient.
 - ``prob``: the chance that a batch is mixed at all (CutMix used 0.5 on CIFAR and 1.0 on ImageNet); default 1.
 """
 
