@@ -322,7 +322,8 @@ def test_saliency_masks_recover_object_extent_the_maps_miss(tmp_path):
 
 def test_saliency_pseudo_stage_end_to_end_with_a_trained_classifier_and_crf(tmp_path):
     cfg = bg_cfg(tmp_path, **{"train.epochs": 1, "saliency.source": "frequency_tuned", "crf.enabled": True,
-                              "crf.workers": 0, "saliency.ignore_band": 0.02, "eval.sweep": "[0.2, 0.4, 0.6]"})
+                              "crf.workers": 0, "saliency.ignore_band": 0.02, "eval.sweep": "[0.2, 0.4, 0.6]",
+                              "maps.splits": "[train, val]"})
     ctx = RunContext(cfg)
     stage = pseudo_stage.run(ctx)
     assert (ctx.run_dir / "cls" / "model.pt").exists()
