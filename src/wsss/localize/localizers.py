@@ -118,6 +118,12 @@ class _GradientCAM:
         saved: dict = {}
 
         def replicate(a: torch.Tensor) -> torch.Tensor:
+            if a.dim() != 4:
+                others = [n for n in LOCALIZERS.names() if not issubclass(LOCALIZERS.get(n), _GradientCAM)]
+                raise ConfigError(
+                    f"gradient localizers need a spatial (B, C, h, w) activation, but maps.target_layer "
+                    f"'{self.target_layer}' outputs shape {tuple(a.shape)} (a transformer's tokens?); use "
+                    f"maps.target_layer '' (the backbone's feature map) or one of: {', '.join(others)}")
             saved["acts"] = a.detach()
             rep = a.detach().repeat_interleave(p, dim=0)
             rep.requires_grad_(True)

@@ -154,3 +154,7 @@ for _arch, _bottleneck in (("resnet18", False), ("resnet34", False), ("resnet50"
 
 def build_backbone(cfg: ModelConfig) -> Backbone:
     return BACKBONES.get(cfg.backbone)(cfg)
+
+
+# registers the timm ViT / DeiT backbones (vit_tiny, vit_small, deit_small, ...; timm itself is imported lazily)
+from wsss.models import vit as _vit  # noqa: E402,F401
