@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from wsss.bench import bench_methods, load_method_overrides, markdown_table
-from wsss.bench.methods import COLUMNS, mean_std, plan_runs, summarize
+from wsss.bench.methods import COLUMNS, mean_std, plan_runs, run_rounds, run_values, summarize
 from wsss.cli import main
 from wsss.config import load_config
 from wsss.errors import ConfigError
@@ -88,14 +88,16 @@ def test_mean_and_std_are_those_of_the_runs_metrics(bench):
     rows = {r["method"]: r for r in bench.first["rows"]}
     for method in UNDER_TEST:
         ms = [_metrics(bench.run_dir(method, s)) for s in SEEDS]
+        epochs = [[r["seconds"] for r in json.loads((bench.run_dir(method, s) / "cls" / "summary.json").read_text())
+                   ["history"]] for s in SEEDS]
         expected = {
             "cls_map_test": [m["splits"]["test"]["classifier"]["mAP"] for m in ms],
             "map_miou_train": [m["splits"]["train"]["maps"]["miou"] for m in ms],
             "pseudo_miou_train": [m["pseudo"]["miou"] for m in ms],
             "map_miou_test": [m["splits"]["test"]["maps"]["miou"] for m in ms],
-            "wall_seconds": [m["timing"]["train_seconds"] + sum(v["seconds"] for v in m["timing"]["maps"].values())
-                             for m in ms],
-            "epoch_seconds": [m["timing"]["train_seconds_per_epoch"] for m in ms],
+            "wall_seconds": [sum(e) + sum(v["seconds"] for v in m["timing"]["maps"].values())
+                             for m, e in zip(ms, epochs)],
+            "epoch_seconds": [sum(e) / len(e) for e in epochs],
         }
         assert all(m["pseudo"]["split"] == "train" for m in ms)
         for key, (a, b) in expected.items():
@@ -155,6 +157,34 @@ def test_a_bad_method_option_fails_that_method_with_its_option_list(bench):
     err = row["runs"][0]["error"]
     assert "no_such_option" in err and "method 'cam' takes" in err
     assert "| cam | failed | – |" in markdown_table(res["rows"])
+
+
+def test_multi_round_runs_count_every_round_and_carry_the_round_report(tmp_path):
+    """A run laid out as Adversarial Erasing writes it (constructed files): time of every round listed in
+    cls_rounds.json, mining between rounds included, a stale round folder of an earlier config ignored."""
+    d = tmp_path / "run"
+
+    def write(rel, obj):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(json.dumps(obj))
+
+    write("metrics.json", {"splits": {"train": {"maps": {"miou": 40.0}}, "test": {"classifier": {"mAP": 80.0}}},
+                           "pseudo": {"split": "train", "miou": 45.0},
+                           "timing": {"maps": {"train": {"seconds": 3.0}, "test": {"seconds": 2.0}}}})
+    write("cls/summary.json", {"history": [{"seconds": 10.0}, {"seconds": 12.0}]})
+    write("cls/mined/stage.json", {"seconds": 1.5})
+    write("cls_r2/summary.json", {"history": [{"seconds": 14.0}, {"seconds": 16.0}]})
+    write("cls_r2/mined/stage.json", {"seconds": 2.5})
+    write("cls_r3/summary.json", {"history": [{"seconds": 1000.0}]})  # stale: not in the report
+    rounds = {"method": "adv_erase", "rounds": [{"round": 1, "stage": "cls"}, {"round": 2, "stage": "cls_r2"}]}
+    write("cls_rounds.json", rounds)
+    v = run_values(d, load_config(None, []))
+    assert v["train_seconds"] == 52.0 and v["epochs"] == 4 and v["classifiers"] == 2
+    assert v["epoch_seconds"] == 13.0
+    assert v["wall_seconds"] == 52.0 + 4.0 + 5.0
+    assert (v["map_miou_train"], v["cls_map_test"], v["pseudo_miou_train"], v["map_miou_test"]) == (40, 80, 45, None)
+    assert run_rounds(d) == {"cls_rounds.json": rounds}
+    assert run_rounds(tmp_path) == {}
 
 
 # -- pure parts: overrides, planning, statistics -------------------------------------------------------------------

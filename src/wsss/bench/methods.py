@@ -14,8 +14,9 @@ Columns, per method, mean ± sample standard deviation (n - 1) over the seeds wh
 - map mIoU on the train split and on the test split (maps turned into masks by the pseudo-mask rule);
 - pseudo-mask mIoU on the train split after the dense CRF;
 - wall time of training + map extraction (sum of epoch times and of per-split map times, from the stage files, so it
-  is the same whether the run was made now or reused), seconds per training epoch, and its ratio to ``cam``'s
-  (mean over seeds divided by mean over seeds);
+  is the same whether the run was made now or reused; with Adversarial Erasing every round and the mining of maps
+  between rounds), seconds per training epoch, and its ratio to ``cam``'s (mean over seeds divided by mean over
+  seeds);
 - peak resident memory.
 
 Where we differ from the usual WSSS comparison table: papers report one run per method, often with method-specific
@@ -59,7 +60,7 @@ FORCED_KEYS = ("name", "seed", "method.name", "seg.enabled", "crf.enabled")
 BASELINE = "cam"
 #: files a method may write into its run directory with per-round information (adversarial erasing), copied into
 #: the JSON output when present
-ROUND_FILES = ("cls/rounds.json",)
+ROUND_FILES = ("cls_rounds.json",)
 
 
 @dataclass(frozen=True)
@@ -247,31 +248,50 @@ def _get(tree: Any, *path: Any) -> Any:
     return tree
 
 
+def _classifier_dirs(run_dir: Path) -> list[Path]:
+    """The run's classifier stage folders: ``cls/``, and with Adversarial Erasing every round's, as listed in its
+    ``cls_rounds.json`` (a stale folder of an earlier config with more rounds is not counted)."""
+    rounds = _get(_read_json(run_dir / "cls_rounds.json"), "rounds")
+    if rounds:
+        return [run_dir / r["stage"] for r in rounds if isinstance(r, dict) and r.get("stage")]
+    return [run_dir / "cls"]
+
+
 def run_values(run_dir: Path, cfg: Config) -> dict[str, Any]:
-    """The table's numbers of one finished run, from its ``metrics.json`` and stage files (None where missing)."""
+    """The table's numbers of one finished run, from its ``metrics.json`` and stage files (None where missing).
+
+    Training time is the sum of every epoch of every classifier the run trained (one, or one per erasing round)
+    plus, between rounds, the mining of the training split's maps; seconds per epoch divide the epochs' time alone by
+    their number, so a multi-round method pays its rounds in wall time, not in time per epoch.
+    """
     m = _read_json(run_dir / "metrics.json") or {}
     train, test = cfg.data.train_split, cfg.data.test_split
     splits, timing = m.get("splits") or {}, m.get("timing") or {}
     map_seconds = [_get(v, "seconds") for v in (timing.get("maps") or {}).values()]
     maps_s = sum(map_seconds) if map_seconds and None not in map_seconds else None
-    train_s = timing.get("train_seconds")
+    histories = [_get(_read_json(d / "summary.json"), "history") for d in _classifier_dirs(run_dir)]
+    epochs = [r["seconds"] for h in histories for r in (h or [])]
+    train_s = sum(epochs) if epochs and all(histories) else None
+    mining_s = sum(_get(_read_json(d / "mined" / "stage.json"), "seconds") or 0.0 for d in _classifier_dirs(run_dir))
     pseudo = m.get("pseudo") or {}
-    summary = _read_json(run_dir / "cls" / "summary.json") or {}
     return {
         "cls_map_test": _get(splits, test, "classifier", "mAP"),
         "map_miou_train": _get(splits, train, "maps", "miou"),
         "pseudo_miou_train": pseudo.get("miou") if pseudo.get("split") == train else None,
         "map_miou_test": _get(splits, test, "maps", "miou"),
-        "wall_seconds": train_s + maps_s if train_s is not None and maps_s is not None else None,
-        "epoch_seconds": timing.get("train_seconds_per_epoch"),
+        "wall_seconds": train_s + mining_s + maps_s if train_s is not None and maps_s is not None else None,
+        "epoch_seconds": train_s / len(epochs) if train_s is not None else None,
         "train_seconds": train_s,
+        "mining_seconds": mining_s,
         "maps_seconds": maps_s,
         "crf_seconds": _get(_read_json(run_dir / "pseudo" / "stage.json"), "crf_seconds"),
-        "epochs": len(summary.get("history") or []) or None,
+        "epochs": len(epochs),
+        "classifiers": len(histories),
     }
 
 
-def _round_info(run_dir: Path) -> dict[str, Any]:
+def run_rounds(run_dir: Path) -> dict[str, Any]:
+    """Per-round files a method wrote into its run (Adversarial Erasing's ``cls_rounds.json``), by relative path."""
     return {rel: data for rel in ROUND_FILES if (data := _read_json(run_dir / rel)) is not None}
 
 
@@ -314,7 +334,7 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
             return record
     record["status"] = "ok"
     record["values"] = {**run_values(run_dir, cfg), "peak_rss_mb": record["peak_rss_mb"]}
-    if rounds := _round_info(run_dir):
+    if rounds := run_rounds(run_dir):
         record["rounds"] = rounds
     return record
 
