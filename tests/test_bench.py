@@ -187,6 +187,16 @@ def test_multi_round_runs_count_every_round_and_carry_the_round_report(tmp_path)
     assert run_rounds(tmp_path) == {}
 
 
+def test_a_run_whose_config_does_not_load_fails_alone_without_a_process(bench):
+    res = bench(seeds=[0], out=bench.runs / "badkey", method_overrides={"cam": ["train.no_such_key=1"]})
+    rows = {r["method"]: r for r in res["rows"]}
+    failed = rows["cam"]["runs"][0]
+    assert rows["cam"]["status"] == "failed" and failed["returncode"] is None
+    assert "unknown config key 'train.no_such_key'" in failed["error"]
+    for other in UNDER_TEST[1:]:
+        assert rows[other]["status"] == "ok" and rows[other]["runs"][0]["source"] == "reused"
+
+
 # -- pure parts: overrides, planning, statistics -------------------------------------------------------------------
 
 def test_method_overrides_file_lists_mappings_and_forced_keys(tmp_path):

@@ -51,7 +51,7 @@ import yaml
 
 from wsss.config import Config, load_config
 from wsss.config.load import parse_override
-from wsss.errors import ConfigError
+from wsss.errors import ConfigError, WsssError
 from wsss.runs import atomic_write_json, atomic_write_text
 
 #: settings the benchmark sets for every run; a per-method override may not change them
@@ -308,12 +308,12 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
                               "source": None, "error": None, "returncode": None, "run_seconds": None}
     try:
         cfg = load_config(config, list(run.overrides))
-    except ConfigError as e:
-        record["error"] = str(e)
+        keys = _stage_keys(cfg)  # may validate the method's options (e.g. Adversarial Erasing's rounds)
+    except Exception as e:  # one run's bad config (or unwritable run folder) is that run's failure, not the bench's
+        record["error"] = str(e) if isinstance(e, WsssError) else f"{type(e).__name__}: {e}"
         return record
     run_dir = Path(cfg.runs_dir) / cfg.name
     record["run_dir"] = str(run_dir)
-    keys = _stage_keys(cfg)
     done = _get(_read_json(run_dir / "metrics.json"), "stage_keys") == keys
     if done:
         record["source"] = "reused"
