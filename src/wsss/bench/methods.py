@@ -314,7 +314,8 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
         return record
     run_dir = Path(cfg.runs_dir) / cfg.name
     record["run_dir"] = str(run_dir)
-    done = _get(_read_json(run_dir / "metrics.json"), "stage_keys") == keys
+    written = _get(_read_json(run_dir / "metrics.json"), "stage_keys") or {}
+    done = all(written.get(k) == v for k, v in keys.items())  # metrics.json may record more stages than these
     if done:
         record["source"] = "reused"
         record["peak_rss_mb"] = _get(_read_json(run_dir / "bench.json"), "peak_rss_mb")
