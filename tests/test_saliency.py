@@ -1,5 +1,6 @@
 """Saliency sources and saliency-guided pseudo masks (wsss.saliency) and their use in the pseudo stage."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -336,6 +337,11 @@ def test_saliency_pseudo_stage_end_to_end_with_a_trained_classifier_and_crf(tmp_
     # ground-truth background is found as background (saliency decides extent; the classifier barely trained)
     bg_hit = sum(((m == 0) & (t == 0)).sum() for m, t in pairs) / sum((t == 0).sum() for _, t in pairs)
     assert bg_hit > 0.8, bg_hit
+    # the saliency threshold's choice lands in metrics.json beside the background threshold's
+    from wsss.stages import evaluate
+
+    sel = evaluate.run(RunContext(dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, enabled=False))))["selection"]
+    assert sel["saliency_threshold"] == info["saliency_threshold"] and sel["saliency_chosen_on"] == "val"
 
 
 def test_saliency_settings_key_the_pseudo_stage_only_when_used(tmp_path):

@@ -95,7 +95,9 @@ def run(ctx: RunContext) -> dict:
         "localizer": cfg.maps.localizer,
         "seed": cfg.seed,
         "image_labels": cfg.maps.labels,
-        "selection": {k: info.get(k) for k in ("bg_threshold", "chosen_on", "reason", "miou_on_selection_split")
+        "selection": {k: info.get(k) for k in ("bg_threshold", "chosen_on", "reason", "miou_on_selection_split",
+                                               "saliency_threshold", "saliency_chosen_on",
+                                               "saliency_miou_on_selection_split")
                       if info.get(k) is not None},
         "stage_keys": {"cls": ctx.cls_key(), "maps": ctx.maps_key(), "pseudo": ctx.pseudo_key()},
         "splits": {},
