@@ -14,8 +14,7 @@ from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
 from wsss.errors import ConfigError
 from wsss.localize import save_maps
-from wsss.seg.sec import (SecLosses, constrain_loss, crf_targets, expansion_loss, gwrp, images_uint8,
-                          seeding_loss)
+from wsss.seg.sec import SecLosses, constrain_loss, crf_targets, expansion_loss, gwrp, images_uint8, seeding_loss
 from wsss.stages import seg as seg_stage
 from wsss.stages.context import RunContext
 

@@ -24,12 +24,11 @@ from wsss.data.readers import Reader, Sample
 from wsss.data.transforms import TrainTransform, to_tensor
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import LoopSettings, TrainTask, fit
-from wsss.errors import DataError
-from wsss.runs import Stage
-from wsss.errors import ConfigError
+from wsss.errors import ConfigError, DataError
 from wsss.localize import load_maps
 from wsss.pseudo import pseudo_mask
 from wsss.refine import check_crf_config, dense_crf
+from wsss.runs import Stage
 from wsss.seg.model import DeepLabV3, predict_probs, seg_meta
 from wsss.seg.sec import SecLosses
 from wsss.stages import maps as maps_stage
