@@ -120,9 +120,10 @@ def test_acol_erases_exactly_where_normalised_map_exceeds_threshold():
     assert not erase_mask(-maps.abs() - 1, torch.ones(1, 2, dtype=torch.bool), 0.6).any()
 
 
-def test_acol_second_branch_sees_the_erased_features():
+@pytest.mark.parametrize("branch_channels", [0, 16])
+def test_acol_second_branch_sees_the_erased_features(branch_channels):
     torch.manual_seed(0)
-    model = build_method("acol", {"branch_channels": 16}).build_model(TINY_MODEL, 3).eval()
+    model = build_method("acol", {"branch_channels": branch_channels}).build_model(TINY_MODEL, 3).eval()
     feats = _inject_features(model, (2, 1280, 5, 6))
     seen = {}
     model.branch_b.register_forward_pre_hook(lambda m, i: seen.__setitem__("b_in", i[0].detach()))
@@ -295,3 +296,15 @@ def test_method_trains_through_cli_and_maps_with_cam_and_grad_cam(name, toy_root
             m = load_maps(f)
             assert np.isfinite(m["maps"]).all() and m["maps"].min() >= 0 and m["maps"].max() <= 1 + 1e-3
             assert m["maps"].shape[1:] == (48, 64)
+
+
+def test_acol_branches_default_to_cam_heads_and_hidden_convs_train_at_the_backbone_rate():
+    plain = build_method("acol").build_model(TINY_MODEL, 3)
+    assert [type(m) for m in plain.branch_a] == [torch.nn.Conv2d] and plain.branch_a[0].kernel_size == (1, 1)
+    assert plain.branch_a[0].bias is None
+    deep = build_method("acol", {"branch_channels": 8}).build_model(TINY_MODEL, 3)
+    base, head = deep.param_groups(0.01, 10.0)
+    hidden = {id(p) for b in (deep.branch_a, deep.branch_b) for p in b[0].parameters()}
+    classifiers = {id(b[2].weight) for b in (deep.branch_a, deep.branch_b)}
+    assert hidden <= {id(p) for p in base["params"]} and not hidden & {id(p) for p in head["params"]}
+    assert classifiers <= {id(p) for p in head["params"]} and head["lr"] == pytest.approx(0.1)
