@@ -161,10 +161,10 @@ def test_mdc_heads_have_the_dilations_and_final_map_is_d1_plus_mean_of_dilated()
     assert out["cams"].shape == (2, 3, 5, 6)
     torch.testing.assert_close(out["cams"], final)
     torch.testing.assert_close(out["logits"], final.mean(dim=(2, 3)))
-    # the loss is the sum of every head's own pooled soft-margin loss
+    # the loss is the mean of every head's own pooled soft-margin loss
     labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
     loss, parts = method.loss(out, {"labels": labels})
-    manual = sum(F.multilabel_soft_margin_loss(m.mean(dim=(2, 3)), labels) for m in (m1, m2, m5))
+    manual = sum(F.multilabel_soft_margin_loss(m.mean(dim=(2, 3)), labels) for m in (m1, m2, m5)) / 3
     torch.testing.assert_close(loss, manual)
     assert set(parts) == {"cls_d1", "cls_d2", "cls_d5"}
 
@@ -308,3 +308,15 @@ def test_acol_branches_default_to_cam_heads_and_hidden_convs_train_at_the_backbo
     classifiers = {id(b[2].weight) for b in (deep.branch_a, deep.branch_b)}
     assert hidden <= {id(p) for p in base["params"]} and not hidden & {id(p) for p in head["params"]}
     assert classifiers <= {id(p) for p in head["params"]} and head["lr"] == pytest.approx(0.1)
+
+
+def test_acol_loss_is_the_mean_of_the_branch_losses():
+    method = build_method("acol")
+    torch.manual_seed(0)
+    out = {"logits_a": torch.randn(2, 3), "logits_b": torch.randn(2, 3)}
+    labels = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    loss, parts = method.loss(out, {"labels": labels})
+    la = F.multilabel_soft_margin_loss(out["logits_a"], labels)
+    lb = F.multilabel_soft_margin_loss(out["logits_b"], labels)
+    torch.testing.assert_close(loss, (la + lb) / 2)
+    assert parts == pytest.approx({"cls_a": float(la), "cls_b": float(lb)})

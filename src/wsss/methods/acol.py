@@ -22,6 +22,8 @@ Where we differ from the paper, and why:
   zero (train map mIoU 31 against CAM's 52), also with the hidden conv at the backbone's learning rate; with 1x1
   branches branch A's loss falls like CAM's. ``branch_channels > 0`` restores the hidden layer (trained at the
   backbone's rate, see :meth:`ACoLClassifier.param_groups`).
+- The loss is the mean of the two branches' losses (the paper sums them): the sum doubles the backbone's step at
+  the shared ``train.lr`` (see wsss.methods.mdc for what n times the step did on MSRC-21).
 - ``logits`` is the mean of the two branches' logits. Both are trained against the same targets, so the mean is a
   calibrated score (``maps.labels=pred`` thresholds its sigmoid) and Grad-CAM of it weighs both branches. The pooled
   fused map would not do: max(A, B) >= each branch, so its pooled score is biased upwards and never trained.
@@ -145,4 +147,4 @@ class ACoL(Method):
     def loss(self, out, batch):
         la = F.multilabel_soft_margin_loss(out["logits_a"].float(), batch["labels"])
         lb = F.multilabel_soft_margin_loss(out["logits_b"].float(), batch["labels"])
-        return la + lb, {"cls_a": float(la.detach()), "cls_b": float(lb.detach())}
+        return (la + lb) / 2, {"cls_a": float(la.detach()), "cls_b": float(lb.detach())}
