@@ -312,3 +312,12 @@ def test_seam_trains_and_extracts_maps_through_the_stages(fast_cfg):
     assert len(files) == 8
     m = load_maps(files[0])
     assert m["maps"].shape[1:] == (48, 64) and np.isfinite(m["maps"]).all() and m["maps"].max() <= 1.0 + 1e-3
+
+
+def test_transform_images_accepts_bfloat16_inputs():
+    from wsss.methods.seam import transform_images
+
+    x = torch.rand(2, 3, 40, 30)
+    out = transform_images(x.to(torch.bfloat16), (12, 9), flip=True)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 3, 12, 9)
+    torch.testing.assert_close(out.float(), transform_images(x, (12, 9), flip=True), atol=0.02, rtol=0.02)
