@@ -148,6 +148,18 @@ def test_a_crashing_run_is_reported_and_the_others_finish(bench):
     assert "| cam | 1/2 ok | 0 |" in md and "cam seed 7: exit code" in md
 
 
+def test_the_cli_exits_nonzero_when_a_run_failed_but_still_writes_the_table(bench, tmp_path, capsys):
+    per_method = tmp_path / "methods.yaml"
+    per_method.write_text(yaml.safe_dump({"cam": ["method.options.no_such_option=1"]}))
+    out = tmp_path / "failing"
+    argv = ["bench", "methods", "--config", str(bench.config), "--methods", "cam", "--seeds", "0",
+            "--prefix", "clifail", "--out", str(out), "--method-overrides", str(per_method), *bench.overrides]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "1 benchmark run(s) failed: cam seed 0" in err
+    assert "| cam | failed |" in (out / "table.md").read_text()
+
+
 def test_a_bad_method_option_fails_that_method_with_its_option_list(bench):
     res = bench(methods=["cam"], seeds=[0], prefix="opt", out=bench.runs / "opt",
                 method_overrides={"cam": ["method.options.no_such_option=1"]})

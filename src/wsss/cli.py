@@ -100,8 +100,14 @@ def cmd_bench_methods(args):
         raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     per_method = load_method_overrides(args.method_overrides) if args.method_overrides else None
-    bench_methods(args.config, methods, seeds, args.overrides, per_method, prefix=args.prefix, out=args.out,
-                  show_logs=args.show_logs)
+    res = bench_methods(args.config, methods, seeds, args.overrides, per_method, prefix=args.prefix, out=args.out,
+                        show_logs=args.show_logs)
+    failed = [f"{r['method']} seed {r['seed']}" for row in res["rows"] for r in row["runs"] if r["status"] != "ok"]
+    if failed:  # the table is written either way; a script or CI must still see that it is incomplete
+        print(f"wsss: {len(failed)} benchmark run(s) failed: {', '.join(failed)} (logs in the table's logs/ folder)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_list(args):
@@ -164,14 +170,14 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except WsssError as e:
         print(f"wsss: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wsss: interrupted; finished work is kept in the run directory, rerun to resume", file=sys.stderr)
         return 130
-    return 0
+    return rc or 0
 
 
 if __name__ == "__main__":  # pragma: no cover
