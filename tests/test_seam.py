@@ -302,6 +302,25 @@ def test_backbone_without_a_stride_16_stage_asks_for_pcm_stages():
 # ------------------------------------------------------------------------------------------- pipeline
 
 
+def test_background_follows_the_runs_dataset_unless_set(fast_cfg):
+    from wsss.data.spec import DatasetSpec
+    from wsss.engine.train import ClassifierTask
+
+    assert build_method("seam").options.background is True  # no dataset known: the paper's VOC setting
+    assert build_method("seam", has_background=False).options.background is False
+    assert build_method("seam", {"background": True}, has_background=False).options.background is True
+    with pytest.raises(ConfigError, match="min_pool_weight.*no background class"):
+        build_method("seam", {"min_pool_weight": 1.0}, has_background=False)
+    assert build_method("seam", {"min_pool_weight": 1.0}, has_background=True).options.background is True
+    # a run builds its method with its dataset's answer (MSRC-21-like: every pixel a class; VOC-like: background 0)
+    cfg = fast_cfg(**{"method.name": "seam"})
+    stuff = DatasetSpec("stuff", ("grass", "cow", "sky"), None)
+    voc = DatasetSpec("objects", ("background", "cow", "sheep"), 0)
+    assert ClassifierTask(cfg, [], stuff).method.options.background is False
+    assert ClassifierTask(cfg, [], voc).method.options.background is True
+
+
+
 def test_seam_trains_and_extracts_maps_through_the_stages(fast_cfg):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "method.name": "seam", "method.options.background": False,
                                  "method.options.flip": True}))

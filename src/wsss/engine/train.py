@@ -109,7 +109,7 @@ class ClassifierTask(TrainTask):
                                            t.poly_power), model_meta(cfg, spec))
         self.samples, self.spec = samples, spec
         self.name = cfg.method.name
-        self.method = build_method(cfg.method.name, cfg.method.options)
+        self.method = build_method(cfg.method.name, cfg.method.options, has_background=spec.background is not None)
 
     def build_model(self):
         return self.method.build_model(self.cfg.model, self.spec.num_fg)

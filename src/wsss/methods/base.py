@@ -33,7 +33,10 @@ class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
 
-    def __init__(self, options: dict[str, Any] | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, *, has_background: bool | None = None):
+        #: whether the dataset has a background class (None = not known, e.g. a method built outside a run); a
+        #: method whose recipe differs with and without background reads it instead of asking the user
+        self.has_background = has_background
         valid = [f.name for f in dataclasses.fields(self.Options)]
         try:
             self.options = _build(self.Options, dict(options or {}), "method.options")
@@ -54,5 +57,7 @@ class Method:
 METHODS: Registry[type[Method]] = Registry("method")
 
 
-def build_method(name: str, options: dict | None = None) -> Method:
-    return METHODS.get(name)(options)
+def build_method(name: str, options: dict | None = None, *, has_background: bool | None = None) -> Method:
+    """The registered method ``name`` with its options; ``has_background``: whether the run's dataset has a
+    background class (pass ``spec.background is not None``)."""
+    return METHODS.get(name)(options, has_background=has_background)

@@ -38,11 +38,12 @@ Where we differ, and why:
   blocks 6 (32 ch) and 17 (320 ch); at OS32: 6 and 13), found by one probe forward at build time.
   ``pcm_stages`` names others. Everything is pooled (area) to the CAM's resolution, which for OS16/32 backbones is
   coarser than the official stride 8.
-- Datasets without a background class (MSRC-21, every pixel is a class): set ``background=false`` (a method does
-  not see the dataset spec; the default is the paper's VOC setting). The background channel is then dropped from
-  ECR, and the min-pooling loss, whose premise is that the lowest-scoring quarter of an image is background, is
-  refused. Eval-mode maps are foreground only either way (the PCM works per channel, so a background channel in
-  its input changes no foreground output).
+- Datasets without a background class (MSRC-21, every pixel is a class): ``background`` defaults to the dataset
+  (true where the dataset spec has a background class, the paper's VOC setting; false otherwise; true when the
+  method is built without a dataset). Without background the background channel is dropped from ECR, and the
+  min-pooling loss, whose premise is that the lowest-scoring quarter of an image is background, is refused.
+  Eval-mode maps are foreground only either way (the PCM works per channel, so a background channel in its input
+  changes no foreground output).
 - The min-pooling loss (``adaptive_min_pooling_loss`` in ``train_SEAM.py``) is off by default: the official code's
   own comment says it does not change the best score, only the optimal background threshold.
 - No Dropout2d before the head (the official ResNet-38 has one): our CAM baseline has none, and SEAM is compared to
@@ -59,6 +60,7 @@ as the official code).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,8 +95,8 @@ class SEAMOptions:
     ecr_topk: float = 0.2
     #: weight of the official code's min-pooling loss on the PCM maps (official: 1; needs background=true)
     min_pool_weight: float = 0.0
-    #: the dataset has a background class: add a background channel (1 - max fg) to the ECR maps
-    background: bool = True
+    #: add a background channel (1 - max fg) to the ECR maps; null = whether the run's dataset has a background class
+    background: bool | None = None
     #: refine maps with the pixel correlation module; false = CAM + ER only, maps are the raw CAM
     pcm: bool = True
     #: backbone stages whose outputs feed the PCM (names from the backbone's stages); empty = last at stride 8 and
@@ -112,7 +114,7 @@ class SEAMOptions:
                 raise ConfigError(f"method.options.{key}: must be >= 0 (0 turns the loss off), got {getattr(self, key)}")
         if not 0.0 < self.ecr_topk <= 1.0:
             raise ConfigError(f"method.options.ecr_topk: must be in (0, 1], got {self.ecr_topk}")
-        if self.min_pool_weight > 0 and not self.background:
+        if self.min_pool_weight > 0 and self.background is False:
             raise ConfigError("method.options.min_pool_weight: the min-pooling loss treats each image's lowest-scoring "
                               "quarter as background; a dataset without background (background=false) needs 0")
         if not self.pcm:
@@ -368,6 +370,15 @@ class SEAMClassifier(CAMClassifier):
 class SEAM(Method):
     name = "seam"
     Options = SEAMOptions
+
+    def __init__(self, options: dict | None = None, *, has_background: bool | None = None):
+        super().__init__(options, has_background=has_background)
+        if self.options.background is None:  # from the dataset; re-validated (min-pooling needs background)
+            resolved = True if has_background is None else has_background
+            try:
+                self.options = dataclasses.replace(self.options, background=resolved)
+            except ConfigError as e:
+                raise ConfigError(f"{e} (this dataset has {'a' if resolved else 'no'} background class)") from None
 
     def build_model(self, model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         o = self.options

@@ -65,8 +65,8 @@ def load_classifier(ctx: RunContext, checkpoint=None):
     if checkpoint is None:
         checkpoint = train_cls.run(ctx).dir / "model.pt"
     state = load_checkpoint(checkpoint, model_meta(cfg, ctx.spec))
-    model = build_method(cfg.method.name, cfg.method.options).build_model(
-        _no_download(cfg.model), ctx.spec.num_fg)
+    method = build_method(cfg.method.name, cfg.method.options, has_background=ctx.spec.background is not None)
+    model = method.build_model(_no_download(cfg.model), ctx.spec.num_fg)
     model.load_state_dict(state["model"])
     return model.eval()
 
