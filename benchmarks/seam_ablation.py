@@ -4,8 +4,9 @@
 
 Every variant is an ordinary ``wsss bench methods`` run of the ``seam`` method (its own run directory, same config,
 budget and seeds as the comparison table), so the full SEAM and CAM rows reuse the comparison's runs when their
-settings match (``--prefix`` of that comparison, default ``bench-msrc21``). MSRC-21 has no background class, so
-``background=false`` everywhere. Writes benchmarks/out/seam-ablation.json and .md.
+settings match (``--prefix`` of that comparison, default ``bench-msrc21``). SEAM takes ``background`` from the dataset
+now; the explicit ``background=false`` (MSRC-21 has no background class) only keeps the stage keys of the
+comparison's runs, which were made with it. Writes benchmarks/out/seam-ablation.json and .md.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
-from wsss.bench.methods import COLUMNS, bench_methods
+from wsss.bench.methods import COLUMNS, bench_methods, format_stat
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "msrc21.yaml"
@@ -27,14 +28,9 @@ VARIANTS = {
     "without PCM and ECR (CAM + ER)": ("nopcm", ["method.options.pcm=false", "method.options.ecr_weight=0"]),
     "siamese classification only (no ER, PCM, ECR)": (
         "siamese", ["method.options.pcm=false", "method.options.ecr_weight=0", "method.options.er_weight=0"]),
+    "full SEAM, transformed branch at 0.5x (official 0.3x)": ("scale05", ["method.options.scale=0.5"]),
 }
 KEYS = ("cls_map_test", "map_miou_train", "pseudo_miou_train", "map_miou_test", "epoch_seconds")
-
-
-def fmt(col: dict) -> str:
-    if col["mean"] is None:
-        return "–"
-    return f"{col['mean']:.1f}" + (f" ± {col['std']:.1f}" if col["std"] is not None else "")
 
 
 def main() -> None:
@@ -61,7 +57,7 @@ def main() -> None:
     lines = ["| variant | status | " + " | ".join(headers[k] for k in KEYS) + " |",
              "|---|---|" + "---|" * len(KEYS)]
     for label, row in rows:
-        lines.append(f"| {label} | {row['status']} | " + " | ".join(fmt(row["columns"][k]) for k in KEYS) + " |")
+        lines.append(f"| {label} | {row['status']} | " + " | ".join(format_stat(row["columns"][k]) for k in KEYS) + " |")
     table = "\n".join(lines)
     (out_dir / "seam-ablation.md").write_text(
         f"SEAM ablation, configs/msrc21.yaml {' '.join(args.overrides)}, seeds {args.seeds}\n\n{table}\n")

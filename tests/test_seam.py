@@ -320,7 +320,6 @@ def test_background_follows_the_runs_dataset_unless_set(fast_cfg):
     assert ClassifierTask(cfg, [], voc).method.options.background is True
 
 
-
 def test_seam_trains_and_extracts_maps_through_the_stages(fast_cfg):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "method.name": "seam", "method.options.background": False,
                                  "method.options.flip": True}))

@@ -91,7 +91,7 @@ def cmd_prepare(args):
 
 
 def cmd_bench_methods(args):
-    from wsss.bench import bench_methods, load_method_overrides
+    from wsss.bench import bench_methods, failed_runs, load_method_overrides
     from wsss.errors import ConfigError
 
     try:
@@ -102,7 +102,7 @@ def cmd_bench_methods(args):
     per_method = load_method_overrides(args.method_overrides) if args.method_overrides else None
     res = bench_methods(args.config, methods, seeds, args.overrides, per_method, prefix=args.prefix, out=args.out,
                         show_logs=args.show_logs)
-    failed = [f"{r['method']} seed {r['seed']}" for row in res["rows"] for r in row["runs"] if r["status"] != "ok"]
+    failed = [f"{r['method']} seed {r['seed']}" for r in failed_runs(res["rows"])]
     if failed:  # the table is written either way; a script or CI must still see that it is incomplete
         print(f"wsss: {len(failed)} benchmark run(s) failed: {', '.join(failed)} (logs in the table's logs/ folder)",
               file=sys.stderr)

@@ -373,11 +373,17 @@ def summarize(methods: Sequence[str], records: Sequence[dict]) -> list[dict]:
     return rows
 
 
-def _cell(stats: dict, digits: int) -> str:
+def format_stat(stats: dict, digits: int = 1) -> str:
+    """A :func:`mean_std` result as ``mean ± std`` (just the mean for one value, ``–`` for none)."""
     if stats["mean"] is None:
         return "–"
     text = f"{stats['mean']:.{digits}f}"
     return text + (f" ± {stats['std']:.{digits}f}" if stats["std"] is not None else "")
+
+
+def failed_runs(rows: Sequence[dict]) -> list[dict]:
+    """The run records of every (method, seed) that did not finish, in table order."""
+    return [r for row in rows for r in row["runs"] if r["status"] != "ok"]
 
 
 def markdown_table(rows: Sequence[dict]) -> str:
@@ -388,10 +394,10 @@ def markdown_table(rows: Sequence[dict]) -> str:
     for row in rows:
         ratio = row["epoch_ratio_to_cam"]
         cells = [row["method"], row["status"], ",".join(map(str, row["seeds_ok"])) or "–",
-                 *(_cell(row["columns"][c.key], c.digits) for c in COLUMNS[:-1]),
-                 f"{ratio:.2f}" if ratio is not None else "–", _cell(row["columns"][COLUMNS[-1].key], 0)]
+                 *(format_stat(row["columns"][c.key], c.digits) for c in COLUMNS[:-1]),
+                 f"{ratio:.2f}" if ratio is not None else "–", format_stat(row["columns"][COLUMNS[-1].key], 0)]
         lines.append("| " + " | ".join(cells) + " |")
-    failures = [r for row in rows for r in row["runs"] if r["status"] != "ok"]
+    failures = failed_runs(rows)
     if failures:
         lines.append("")
         lines.append("Failed runs:")

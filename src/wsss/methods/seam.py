@@ -374,7 +374,7 @@ class SEAM(Method):
     def __init__(self, options: dict | None = None, *, has_background: bool | None = None):
         super().__init__(options, has_background=has_background)
         if self.options.background is None:  # from the dataset; re-validated (min-pooling needs background)
-            resolved = True if has_background is None else has_background
+            resolved = True if self.has_background is None else self.has_background
             try:
                 self.options = dataclasses.replace(self.options, background=resolved)
             except ConfigError as e:
