@@ -282,3 +282,129 @@ def test_msrc21_reader():
         expected = tuple(v for v in values if v != 255)
         assert len(expected) >= 3
         assert s.labels == expected
+
+
+# -- dataset specs: values that used to be accepted silently -----------------------------------------------------------
+def _spec_file(tmp_path, **spec) -> Path:
+    p = tmp_path / "dataset.json"
+    p.write_text(json.dumps({"classes": ["grass", "cow", "sky"], **spec}))
+    return p
+
+
+@pytest.mark.parametrize("bg", [True, False, 1.0, ["grass"]])
+def test_spec_background_must_be_named(tmp_path, bg):
+    from wsss.data.spec import spec_from_json
+
+    p = _spec_file(tmp_path, background=bg)
+    with pytest.raises(DataError) as e:
+        spec_from_json(p)
+    assert str(p) in str(e.value) and "'background' must be the background class's name" in str(e.value)
+
+
+def test_spec_background_by_name_index_or_null(tmp_path):
+    from wsss.data.spec import spec_from_json
+
+    assert spec_from_json(_spec_file(tmp_path, background="sky")).background == 2
+    assert spec_from_json(_spec_file(tmp_path, background=0)).background == 0
+    assert spec_from_json(_spec_file(tmp_path, background=None)).background is None
+    with pytest.raises(DataError, match="background 'skye' is not in classes. Did you mean 'sky'"):
+        spec_from_json(_spec_file(tmp_path, background="skye"))
+    with pytest.raises(DataError, match="index 3 is out of range"):
+        spec_from_json(_spec_file(tmp_path, background=3))
+
+
+@pytest.mark.parametrize("palette,message", [
+    ([[0, 0, 0], [255, 0, 0]], "'palette' has 2 colours for 3 classes"),
+    ([0, 0, 0, 255, 0, 0, 0, 255, 0], "'palette' must be a list of \\[r, g, b\\] colours"),
+    ([[0, 0, 0], [255, 0], [0, 0, 255]], "'palette' must be a list"),
+    ([[0, 0, 0], [256, 0, 0], [0, 0, 255]], "integers 0..255"),
+])
+def test_spec_palette_checked(tmp_path, palette, message):
+    from wsss.data.spec import spec_from_json
+
+    p = _spec_file(tmp_path, background=None, palette=palette)
+    with pytest.raises(DataError, match=message) as e:
+        spec_from_json(p)
+    assert str(p) in str(e.value)
+
+
+def test_spec_object_refuses_bool_background_and_short_palette():
+    from wsss.data.spec import DatasetSpec
+
+    with pytest.raises(DataError, match="background must be a class index or None, got True"):
+        DatasetSpec(name="x", classes=("a", "b"), background=True)
+    with pytest.raises(DataError, match="palette has 1 colours for 2 classes"):
+        DatasetSpec(name="x", classes=("a", "b"), background=None, palette=((0, 0, 0),))
+
+
+def test_spec_classes_and_ignore_index_checked(tmp_path):
+    from wsss.data.spec import spec_from_json
+
+    with pytest.raises(DataError, match="'classes' must be a list of names"):
+        spec_from_json(_spec_file(tmp_path, classes=["a", 3]))
+    with pytest.raises(DataError, match="'ignore_index' must be an integer in 3..255"):
+        spec_from_json(_spec_file(tmp_path, ignore_index=True))
+
+
+# -- split files and label CSVs ----------------------------------------------------------------------------------------
+def test_voc_ids_are_whole_lines(tmp_path):
+    root = make_voc(tmp_path / "v", masks={"a b": mask_with((15, slice(1, 4), slice(2, 6)))}, splits={"train": ["a b"]})
+    seg = root / "ImageSets" / "Segmentation" / "train.txt"
+    seg.write_bytes(b"a b\r\n\r\n")  # CRLF and a blank line
+    reader = open_dataset(DataConfig(root=str(root)))
+    (s,) = reader.samples("train")
+    assert s.id == "a b" and s.image == root / "JPEGImages" / "a b.jpg" and s.labels == (15,)
+
+
+def test_labels_csv_typo_names_line_and_nearest_class(tmp_path):
+    root = make_folder(tmp_path / "pets", "image,labels\nx.jpg,cat\n\ny.jpg,dgo;cat\n")
+    (root / "dataset.json").write_text(json.dumps({"classes": ["background", "cat", "dog"], "background": "background"}))
+    with pytest.raises(DataError) as e:
+        open_dataset(DataConfig(root=str(root), format="folder"))
+    msg = str(e.value)
+    assert f"{root / 'labels.csv'}, line 4" in msg and "'dgo'" in msg and "Did you mean 'dog'" in msg
+
+
+def test_folder_without_class_list_warns_of_classes_of_one_image(tmp_path, caplog):
+    csv_text = "image,labels\nx.jpg,dog;cat\ny.jpg,dog;cat\nz.jpg,dgo\n"
+    root = make_folder(tmp_path / "pets", csv_text, images=("x.jpg", "y.jpg", "z.jpg"))
+    with caplog.at_level("WARNING", logger="wsss.data"):
+        reader = open_dataset(DataConfig(root=str(root), format="folder"))
+    assert reader.spec.classes == ("background", "cat", "dgo", "dog")  # no class list: the name is taken as given
+    warned = [r.getMessage() for r in caplog.records if r.name == "wsss.data"]
+    assert len(warned) == 1 and "'dgo' (like 'dog')" in warned[0] and "'cat'" not in warned[0]
+    assert str(root / "labels.csv") in warned[0]
+
+
+def test_check_splits_names_the_missing_file_and_the_key(voc_root):
+    from wsss.data.readers import check_splits
+
+    cfg = DataConfig(root=str(voc_root), val_split="val", test_split="test")
+    reader = open_dataset(cfg)
+    check_splits(reader, ["train", "val"])  # roles, resolved through data.<role>_split
+    check_splits(reader, ["train"])
+    with pytest.raises(DataError) as e:
+        check_splits(reader, ["train", "val", "test"])
+    msg = str(e.value)
+    assert str(voc_root / "ImageSets" / "Segmentation" / "test.txt") in msg and "data.test_split" in msg
+    assert "splits found there: train, val" in msg and "data.test_split=null" in msg
+    reader = open_dataset(DataConfig(root=str(voc_root), train_split="train_aug"))
+    with pytest.raises(DataError, match="train_aug.txt does not exist.*set data.train_split to a split that exists"):
+        check_splits(reader, ["train"])
+    with pytest.raises(DataError, match="fix the setting that names it"):
+        check_splits(reader, ["trainval"])
+
+
+def test_check_splits_coco_and_folder(tmp_path):
+    from wsss.data.readers import check_splits
+
+    root = make_coco(tmp_path / "coco")
+    reader = open_dataset(DataConfig(root=str(root), format="coco", train_split="train2014", val_split="val2014"))
+    check_splits(reader, ["train"])
+    with pytest.raises(DataError, match="instances_val2014.json do not exist.*data.val_split"):
+        check_splits(reader, ["train", "val"])
+    root = make_folder(tmp_path / "pets", "image,labels,split\nx.jpg,cat,train\ny.jpg,dog,val\n")
+    reader = open_dataset(DataConfig(root=str(root), format="folder"))
+    check_splits(reader, ["train", "val"])
+    with pytest.raises(DataError, match="no images in split 'test'.*data.test_split"):
+        check_splits(reader, ["test"])

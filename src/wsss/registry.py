@@ -26,11 +26,14 @@ class Registry(Generic[T]):
 
         return deco
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, key: str | None = None) -> T:
+        """The entry ``name``; else a ConfigError with the nearest registered name, naming the config ``key`` (e.g.
+        ``model.backbone``) when given."""
         if name not in self._items:
-            close = difflib.get_close_matches(name, list(self._items), n=1)
+            close = difflib.get_close_matches(str(name), list(self._items), n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
-            raise ConfigError(f"unknown {self.kind} '{name}'.{hint} Registered: {', '.join(self.names())}")
+            where = f"{key}: " if key else ""
+            raise ConfigError(f"{where}unknown {self.kind} '{name}'.{hint} Registered: {', '.join(self.names())}")
         return self._items[name]
 
     def names(self) -> list[str]:

@@ -1,6 +1,6 @@
 """Typed configs: the schema and its loader."""
 
-from wsss.config.load import config_hash, dump_config, load_config, to_dict
+from wsss.config.load import check_config, config_hash, dump_config, load_config, to_dict
 from wsss.config.schema import (
     Config,
     DataConfig,
@@ -14,5 +14,5 @@ from wsss.config.schema import (
 
 __all__ = [
     "Config", "DataConfig", "EvalConfig", "MapsConfig", "MethodConfig", "ModelConfig", "PseudoConfig",
-    "TrainConfig", "config_hash", "dump_config", "load_config", "to_dict",
+    "TrainConfig", "check_config", "config_hash", "dump_config", "load_config", "to_dict",
 ]

@@ -2,17 +2,56 @@
 
 Every setting of every stage lives in one tree of dataclasses. A YAML file plus ``key=value`` overrides is
 validated against it at load time (see :mod:`wsss.config.load`): unknown keys are rejected with the nearest valid
-name, values are type-checked (no ``"False"``-is-true surprises), and the fully resolved tree is written into the
-run directory so a run can always be reproduced from its own folder.
+name, values are type-checked (no ``"False"``-is-true surprises) and range-checked (each numeric setting declares its
+range next to it with :func:`bounded`), and the fully resolved tree is written into the run directory so a run can
+always be reproduced from its own folder.
 
 Method-specific options are validated by the method plugin itself (``method.options``), because only the method
-knows them.
+knows them; the loader fills in every default, so the written config lists them all.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from typing import Any, Literal
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The valid range of a numeric setting, or of every number of a list setting; checked when a config is loaded
+    (any dataclass the loader builds: the config tree and the methods' options)."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    #: a list setting needs at least one value
+    nonempty: bool = False
+    #: a (low, high) pair needs low <= high
+    ordered: bool = False
+
+    def describe(self) -> str:
+        """``">= 1"``, ``"in (0, 1)"``, ``"in [0, 1]"``, ..."""
+        low = (self.ge, "[") if self.ge is not None else (self.gt, "(") if self.gt is not None else None
+        high = (self.le, "]") if self.le is not None else (self.lt, ")") if self.lt is not None else None
+        if low and high:
+            return f"in {low[1]}{low[0]:g}, {high[0]:g}{high[1]}"
+        if low:
+            return f"{'>=' if low[1] == '[' else '>'} {low[0]:g}"
+        if high:
+            return f"{'<=' if high[1] == ']' else '<'} {high[0]:g}"
+        return "any number"
+
+    def admits(self, v: float) -> bool:
+        # written so that NaN fails every bound
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+
+def bounded(default: Any = MISSING, *, factory: Any = MISSING, **bounds: Any) -> Any:
+    """A dataclass field with its valid range (:class:`Bounds` keywords), e.g. ``epochs: int = bounded(20, ge=1)``;
+    ``factory`` for list defaults."""
+    return field(default=default, default_factory=factory, metadata={"bounds": Bounds(**bounds)})
 
 
 @dataclass
@@ -32,9 +71,9 @@ class DataConfig:
     #: CSV of image-level labels for the folder reader (columns: image, labels separated by ';')
     labels_csv: str | None = None
     #: data-loader worker processes (0 = load in the main process)
-    workers: int = 2
-    #: use only the first N images of each split (quick experiments and tests)
-    limit: int | None = None
+    workers: int = bounded(2, ge=0)
+    #: use only the first N images of each split (quick experiments and tests); null = all
+    limit: int | None = bounded(None, ge=1)
 
 
 @dataclass
@@ -60,18 +99,18 @@ class MethodConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 20
-    batch_size: int = 16
+    epochs: int = bounded(20, ge=1)
+    batch_size: int = bounded(16, ge=1)
     #: learning rate of the backbone; the new head uses lr * head_lr_mult
-    lr: float = 0.01
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = bounded(0.01, gt=0)
+    head_lr_mult: float = bounded(10.0, gt=0)
+    momentum: float = bounded(0.9, ge=0, lt=1)
+    weight_decay: float = bounded(1e-4, ge=0)
     #: polynomial learning-rate decay power (0 = constant)
-    poly_power: float = 0.9
-    crop_size: int = 320
+    poly_power: float = bounded(0.9, ge=0)
+    crop_size: int = bounded(320, ge=16)
     #: random rescale range before cropping
-    scale_range: tuple[float, float] = (0.7, 1.3)
+    scale_range: tuple[float, float] = bounded((0.7, 1.3), gt=0, ordered=True)
     hflip: bool = True
     #: fp32 (deterministic tests) or bf16 (autocast; 2.5-3.5x faster on CPUs with bf16 units and on GPUs)
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -79,7 +118,7 @@ class TrainConfig:
     #: cpu, cuda, gpu or auto
     accelerator: str = "auto"
     #: processes (DDP when > 1; on CPU through gloo)
-    devices: int = 1
+    devices: int = bounded(1, ge=1)
     #: show a progress bar
     progress: bool = True
 
@@ -90,7 +129,7 @@ class MapsConfig:
     localizer: str = "cam"
     #: backbone module whose activations Grad-CAM uses; "" = the backbone's output (the layer CAM reads)
     target_layer: str = ""
-    scales: list[float] = field(default_factory=lambda: [0.5, 1.0, 1.5])
+    scales: list[float] = bounded(factory=lambda: [0.5, 1.0, 1.5], gt=0, nonempty=True)
     flip: bool = True
     #: how the views (scales x flips) are combined
     aggregate: Literal["sum", "mean", "max"] = "sum"
@@ -99,18 +138,22 @@ class MapsConfig:
     normalize: Literal["max", "minmax", "none"] = "max"
     #: which classes get maps: gt = the image-level labels; pred = classifier scores above pred_threshold
     labels: Literal["gt", "pred"] = "gt"
-    pred_threshold: float = 0.5
+    pred_threshold: float = bounded(0.5, ge=0, le=1)
     #: splits to extract maps for (names of data.*_split)
-    splits: list[str] = field(default_factory=lambda: ["train", "val", "test"])
-    batch_size: int = 8
+    splits: list[str] = bounded(factory=lambda: ["train", "val", "test"], nonempty=True)
+    batch_size: int = bounded(8, ge=1)
     precision: Literal["fp32", "bf16"] = "bf16"
 
 
 @dataclass
 class PseudoConfig:
-    #: cam: the maps alone decide object extent (background threshold); saliency: a saliency map decides extent and
-    #: the maps decide the class (Oh et al., CVPR 2017; settings in the ``saliency`` section, see wsss.saliency)
-    method: Literal["cam", "saliency"] = "cam"
+    #: refiners run in order over each image's maps (wsss.refine registry): crf (dense CRF, settings in ``crf``),
+    #: saliency (saliency fusion, Oh et al., CVPR 2017; settings in ``saliency``), e.g. [saliency, crf]; maps left
+    #: at the end become a mask by the background threshold / arg-max rule, so [] is that rule alone
+    refiners: list[str] = field(default_factory=list)
+    #: each refiner's own options, {refiner: {option: value}}, validated by the refiner (the loaded config lists
+    #: every option of the chain's refiners)
+    options: dict[str, Any] = field(default_factory=dict)
     #: background score for datasets with a background class; null = the value chosen on val by the sweep
     bg_threshold: float | None = None
     #: pixels whose winning normalised score is below this become ignore (255); null = no ignore band
@@ -121,10 +164,9 @@ class PseudoConfig:
 
 @dataclass
 class CrfConfig:
-    """Dense CRF (Kraehenbuehl & Koltun, NIPS 2011) as used by DeepLab / PSA / IRN; see wsss.refine.crf."""
+    """Dense CRF (Kraehenbuehl & Koltun, NIPS 2011) as used by DeepLab / PSA / IRN; see wsss.refine.crf. Read by the
+    ``crf`` refiner (``pseudo.refiners``), ``seg.crf_postprocess`` and SEC's constrain loss."""
 
-    #: refine pseudo masks with the CRF
-    enabled: bool = False
     #: unary = softmax(maps / temperature) over the image's classes (+ background)
     temperature: float = 0.1
     iterations: int = 10
@@ -143,7 +185,8 @@ class CrfConfig:
 
 @dataclass
 class SaliencyConfig:
-    """Saliency-guided pseudo masks (Oh et al., CVPR 2017), used with ``pseudo.method: saliency``; see wsss.saliency."""
+    """Saliency-guided pseudo masks (Oh et al., CVPR 2017), the ``saliency`` refiner of ``pseudo.refiners``; see
+    wsss.refine.saliency and wsss.saliency."""
 
     #: saliency source registered in wsss.saliency: spectral_residual (Hou & Zhang, CVPR 2007; needs no file),
     #: frequency_tuned (Achanta et al., CVPR 2009), onnx (a salient-object model file), folder (precomputed PNGs)
@@ -156,8 +199,6 @@ class SaliencyConfig:
     #: salient pixels whose best normalised map score among the image's classes is below this become ignore (255)
     #: (salient, but no labelled class claims them); null = off
     min_cam: float | None = None
-    #: with crf.enabled: probability of the fused label in the CRF unary, the rest spread evenly (IRN's gt_prob)
-    crf_gt_prob: float = 0.7
     #: spectral_residual: width the grey image is resized to (Hou & Zhang: 64) and the Gaussian smoothing sigma at
     #: that width (their code: 2.5)
     sr_width: int = 64
@@ -185,14 +226,14 @@ class SecConfig:
     constrain: bool = True
     #: localization cue: pixels whose best normalised class map is at least this (one label per pixel; the
     #: paper keeps pixels above 20 % of the class maximum)
-    seed_threshold: float = 0.2
+    seed_threshold: float = bounded(0.2, ge=0, le=1)
     #: datasets with background: background cue where every class map is below this
-    bg_cue_threshold: float = 0.05
-    #: GWRP decays: present foreground classes, background (absent classes use 0 = max pooling)
-    fg_decay: float = 0.996
-    bg_decay: float = 0.999
+    bg_cue_threshold: float = bounded(0.05, ge=0, le=1)
+    #: GWRP decays: present foreground classes, background (absent classes use 0 = max pooling; 1 = mean)
+    fg_decay: float = bounded(0.996, ge=0, le=1)
+    bg_decay: float = bounded(0.999, ge=0, le=1)
     #: the losses are computed on logits resized to 1/output_stride of the crop (8: the paper's 41x41 for 321x321)
-    output_stride: int = 8
+    output_stride: int = bounded(8, ge=1)
 
 
 @dataclass
@@ -205,7 +246,7 @@ class SegConfig:
     backbone: str = "mobilenet_v2"
     output_stride: Literal[16, 32] = 16
     #: ASPP dilation rates (DeepLabV3 at output stride 16: 6, 12, 18)
-    atrous_rates: list[int] = field(default_factory=lambda: [6, 12, 18])
+    atrous_rates: list[int] = bounded(factory=lambda: [6, 12, 18], ge=1, nonempty=True)
     pretrained: bool = True
     #: pseudo = the pseudo masks of this run; gt = ground-truth masks (the fully supervised upper bound)
     masks: Literal["pseudo", "gt"] = "pseudo"
@@ -213,15 +254,15 @@ class SegConfig:
     #: from the maps (seg.sec.*; seg.masks must be pseudo)
     loss: Literal["ce", "sec"] = "ce"
     sec: SecConfig = field(default_factory=SecConfig)
-    epochs: int = 20
-    batch_size: int = 8
+    epochs: int = bounded(20, ge=1)
+    batch_size: int = bounded(8, ge=1)
     #: 0.01 (the classifier's rate) leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
-    lr: float = 0.001
-    head_lr_mult: float = 10.0
-    crop_size: int = 320
-    scale_range: tuple[float, float] = (0.7, 1.3)
+    lr: float = bounded(0.001, gt=0)
+    head_lr_mult: float = bounded(10.0, gt=0)
+    crop_size: int = bounded(320, ge=16)
+    scale_range: tuple[float, float] = bounded((0.7, 1.3), gt=0, ordered=True)
     #: inference views
-    scales: list[float] = field(default_factory=lambda: [1.0])
+    scales: list[float] = bounded(factory=lambda: [1.0], gt=0, nonempty=True)
     flip: bool = True
     #: refine predictions with the dense CRF (crf.* kernel settings) on the image before the arg-max
     crf_postprocess: bool = False
@@ -232,7 +273,8 @@ class SegConfig:
 @dataclass
 class EvalConfig:
     #: thresholds scored by the sweep (background threshold, or confidence threshold without background)
-    sweep: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
+    sweep: list[float] = bounded(factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)], gt=0, lt=1,
+                                 nonempty=True)
     #: split on which thresholds are chosen (never the reported one)
     select_on: str = "val"
 
@@ -242,7 +284,8 @@ class Config:
     name: str = "default"
     #: parent folder of run directories
     runs_dir: str = "runs"
-    seed: int = 0
+    #: the seeds of every random generator (Lightning's seed_everything takes 0 .. 2^32 - 1)
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)

@@ -9,7 +9,10 @@ excluded. Training stages only ever see the labels; masks are read for scoring.
 from __future__ import annotations
 
 import csv
+import difflib
 import json
+import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +23,8 @@ from wsss.config.schema import DataConfig
 from wsss.data.io import image_size, load_mask
 from wsss.data.spec import VOC_SPEC, DatasetSpec, spec_from_json
 from wsss.errors import ConfigError, DataError
+
+log = logging.getLogger("wsss.data")
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,11 @@ def read_id_list(path: Path) -> list[str]:
             + (f"; splits found there: {', '.join(avail)}" if avail else f"; the folder {path.parent} has no split files")
         )
     ids = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            ids.append(line.split()[0])  # SBD-style lists carry a second column
+    # one id per line, taken whole: an id may contain spaces (only the line end is stripped; blank lines are skipped)
+    for line in path.read_text().split("\n"):
+        line = line.rstrip("\r")
+        if line.strip():
+            ids.append(line)
     if not ids:
         raise DataError(f"split file {path} lists no images")
     return ids
@@ -67,6 +73,11 @@ class Reader:
     def _raw_samples(self, split: str) -> list[Sample]:
         raise NotImplementedError
 
+    def check_split(self, split: str) -> None:
+        """Raise :class:`DataError` naming the file if ``split`` cannot be read; cheap (no image, mask or label is
+        read). Default: list the split."""
+        self._raw_samples(split)
+
     # -- shared ---------------------------------------------------------------------------------------------------
     def _read_labels_csv(self, path: Path) -> dict[str, tuple[int, ...]]:
         """CSV rows ``image,labels`` with labels separated by ';' (names of the base spec)."""
@@ -79,14 +90,16 @@ class Reader:
             reader = csv.DictReader(f)
             if not reader.fieldnames or "image" not in reader.fieldnames or "labels" not in reader.fieldnames:
                 raise DataError(f"{path}: needs a header row with columns 'image' and 'labels' (got {reader.fieldnames})")
-            for lineno, row in enumerate(reader, start=2):
+            for row in reader:
                 names = [n.strip() for n in (row["labels"] or "").replace(",", ";").split(";") if n.strip()]
                 idx = []
                 for n in names:
                     if n not in self.base_spec.classes:
+                        close = difflib.get_close_matches(n, self.base_spec.classes, n=1)
+                        hint = f" Did you mean '{close[0]}'?" if close else ""
                         raise DataError(
-                            f"{path}, line {lineno}: unknown class '{n}' for image '{row['image']}'; "
-                            f"classes: {', '.join(self.base_spec.classes)}"
+                            f"{path}, line {reader.line_num}: unknown class '{n}' for image '{row['image']}'.{hint} "
+                            f"Classes of dataset '{self.base_spec.name}': {', '.join(self.base_spec.classes)}"
                         )
                     idx.append(self.base_spec.classes.index(n))
                 out[Path(row["image"]).stem] = tuple(idx)
@@ -151,6 +164,9 @@ class VocReader(Reader):
     ``ImageSets/Segmentation/<split>.txt``. SBD's ``SegmentationClassAug/<id>.png`` is used where VOC has no mask
     (``train_aug``, built by ``wsss prepare voc``). MSRC-21 in this repo's shared data uses the same layout."""
 
+    def check_split(self, split: str) -> None:
+        read_id_list(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
+
     def _raw_samples(self, split: str) -> list[Sample]:
         ids = read_id_list(self.root / "ImageSets" / "Segmentation" / f"{split}.txt")
         out = []
@@ -184,11 +200,19 @@ class CocoReader(Reader):
             spec, _ = coco_spec(first["categories"])
         super().__init__(root, spec, cfg)
 
+    @staticmethod
+    def _json_path(root: Path, split: str) -> Path:
+        path = root / "annotations" / f"instances_{split}.json"
+        if not path.is_file():
+            raise DataError(f"COCO annotations {path} do not exist (splits are named like train2014, val2014)")
+        return path
+
+    def check_split(self, split: str) -> None:
+        self._json_path(self.root, split)  # the JSON itself is read (it can be large) when the split is
+
     def _load_json(self, root: Path, split: str) -> dict:
         if split not in self._json:
-            path = root / "annotations" / f"instances_{split}.json"
-            if not path.is_file():
-                raise DataError(f"COCO annotations {path} do not exist (splits are named like train2014, val2014)")
+            path = self._json_path(root, split)
             try:
                 self._json[split] = json.loads(path.read_text())
             except ValueError as e:
@@ -225,18 +249,46 @@ class FolderReader(Reader):
         with self.csv_path.open(newline="") as f:
             self.rows = list(csv.DictReader(f))
         if spec is None:
-            names = sorted({n.strip() for r in self.rows for n in (r.get("labels") or "").replace(",", ";").split(";") if n.strip()})
-            # tagged photos of objects: the rest of the image is background
-            spec = DatasetSpec(name=root.name, classes=("background", *names), background=0)
+            spec = self._infer_spec(root)
         cfg_for_base = DataConfig(**{**cfg.__dict__, "labels_csv": str(self.csv_path)})
         super().__init__(root, spec, cfg_for_base)
 
-    def _raw_samples(self, split: str) -> list[Sample]:
+    def _infer_spec(self, root: Path) -> DatasetSpec:
+        """Without dataset.json the classes are the names the CSV uses; a name used for one image only is likely a
+        typo (which would become a class of its own), so those are named in a warning."""
+        images: dict[str, set[str]] = {}
+        for r in self.rows:
+            for n in (r.get("labels") or "").replace(",", ";").split(";"):
+                if n.strip():
+                    images.setdefault(n.strip(), set()).add(str(r.get("image")))
+        names = sorted(images)
+        if len(self.rows) > 1:
+            once = [n for n in names if len(images[n]) == 1]
+            if once:
+                def near(n: str) -> str:
+                    close = difflib.get_close_matches(n, [m for m in names if m != n], n=1)
+                    return f" (like '{close[0]}')" if close else ""
+
+                log.warning("%s: class(es) used by one image only, typos?: %s. Without a dataset.json every name in "
+                            "the CSV becomes a class; list the classes in %s (or data.spec) to have unknown names "
+                            "refused", self.csv_path, ", ".join(f"'{n}'{near(n)}" for n in once),
+                            root / "dataset.json")
+        # tagged photos of objects: the rest of the image is background
+        return DatasetSpec(name=root.name, classes=("background", *names), background=0)
+
+    def check_split(self, split: str) -> None:
+        self._rows_of(split)
+
+    def _rows_of(self, split: str) -> list[dict]:
         has_split = self.rows and "split" in self.rows[0]
         rows = [r for r in self.rows if not has_split or r["split"] == split]
         if not rows:
             avail = sorted({r["split"] for r in self.rows}) if has_split else []
             raise DataError(f"{self.csv_path}: no images in split '{split}' (splits: {', '.join(avail) or 'none'})")
+        return rows
+
+    def _raw_samples(self, split: str) -> list[Sample]:
+        rows = self._rows_of(split)
         out = []
         for r in rows:
             img = self.root / r["image"]
@@ -268,3 +320,33 @@ def open_dataset(cfg: DataConfig) -> Reader:
     if cfg.format == "folder":
         return FolderReader(root, spec, cfg)
     raise ConfigError(f"data.format: unknown reader '{cfg.format}'")  # pragma: no cover - schema rejects it
+
+
+#: the roles of data splits, each named by the setting data.<role>_split
+SPLIT_ROLES = ("train", "val", "test")
+
+
+def check_splits(reader: Reader, names: Sequence[str]) -> None:
+    """Raise :class:`DataError` for the first split of ``names`` that cannot be read (a missing split file, a COCO
+    annotation file, a split of the folder CSV without rows), naming the file and the config key to fix; cheap, so
+    that a run can check every split it will need before training. ``names``: split names, or the roles train /
+    val / test, resolved through ``data.<role>_split`` as the stages do."""
+    cfg = reader.cfg
+    for name in names:
+        if name in SPLIT_ROLES:
+            split = getattr(cfg, f"{name}_split") or name
+            keys = [f"data.{name}_split"]
+        else:
+            split = name
+            keys = [f"data.{r}_split" for r in SPLIT_ROLES if getattr(cfg, f"{r}_split") == name]
+        try:
+            reader.check_split(split)
+        except DataError as e:
+            if keys:
+                nullable = [k for k in keys if k != "data.train_split"]
+                fix = (f"set {' / '.join(keys)} to a split that exists"
+                       + (f" (or {nullable[0]}=null to go without it)" if nullable else ""))
+            else:
+                fix = ("fix the setting that names it (maps.splits, pseudo.split, eval.select_on or "
+                       "seg.predict_split)")
+            raise DataError(f"{e}; split '{split}' is needed by this config: {fix}") from None

@@ -60,10 +60,17 @@ class DatasetSpec:
             raise DataError(f"dataset spec '{self.name}' lists classes twice: {dup}")
         if len(self.classes) >= self.ignore_index:
             raise DataError(f"dataset spec '{self.name}': {len(self.classes)} classes collide with ignore index {self.ignore_index}")
+        # a bool is an int to Python: true would silently make class 1 the background
+        if self.background is not None and (isinstance(self.background, bool) or not isinstance(self.background, int)):
+            raise DataError(f"dataset spec '{self.name}': background must be a class index or None, got "
+                            f"{self.background!r}")
         if self.background is not None and not 0 <= self.background < len(self.classes):
             raise DataError(f"dataset spec '{self.name}': background index {self.background} out of range")
         if not self.palette:
             object.__setattr__(self, "palette", tuple(voc_palette(len(self.classes))))
+        elif len(self.palette) < len(self.classes):
+            raise DataError(f"dataset spec '{self.name}': palette has {len(self.palette)} colours for "
+                            f"{len(self.classes)} classes")
 
     @property
     def num_classes(self) -> int:
@@ -155,22 +162,49 @@ def spec_from_json(path: str | Path) -> DatasetSpec:
         raise DataError(f"dataset spec {path} is not valid JSON: {e}") from None
     if not isinstance(raw, dict) or not isinstance(raw.get("classes"), list):
         raise DataError(f"dataset spec {path}: needs a 'classes' list")
-    classes = tuple(str(c) for c in raw["classes"])
+    bad = [c for c in raw["classes"] if not isinstance(c, str) or not c.strip()]
+    if bad:
+        raise DataError(f"dataset spec {path}: 'classes' must be a list of names, got {bad[0]!r} among them")
+    classes = tuple(raw["classes"])
     bg = raw.get("background")
     if isinstance(bg, str):
         if bg not in classes:
-            raise DataError(f"dataset spec {path}: background '{bg}' is not in classes")
+            import difflib
+
+            close = difflib.get_close_matches(bg, classes, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise DataError(f"dataset spec {path}: background '{bg}' is not in classes.{hint} Classes: "
+                            f"{', '.join(classes)}")
         bg = classes.index(bg)
-    elif bg is not None and not isinstance(bg, int):
-        raise DataError(f"dataset spec {path}: background must be a class name, an index or null")
-    palette = tuple(tuple(int(v) for v in p) for p in raw.get("palette", []))
+    elif isinstance(bg, bool) or (bg is not None and not isinstance(bg, int)):
+        # true would be read as index 1 (MSRC-21: grass), silently; the background must be named
+        raise DataError(f"dataset spec {path}: 'background' must be the background class's name (e.g. "
+                        f"\"background\"), its index, or null when every labelled pixel is a class; got "
+                        f"{json.dumps(bg)}")
+    elif bg is not None and not 0 <= bg < len(classes):
+        raise DataError(f"dataset spec {path}: 'background' index {bg} is out of range for {len(classes)} classes")
+    ignore = raw.get("ignore_index", 255)
+    if isinstance(ignore, bool) or not isinstance(ignore, int) or not len(classes) <= ignore <= 255:
+        raise DataError(f"dataset spec {path}: 'ignore_index' must be an integer in {len(classes)}..255 (a mask value "
+                        f"that is no class), got {json.dumps(ignore)}")
+    palette_raw = raw.get("palette", [])
+    if palette_raw is None:
+        palette_raw = []
+    if not isinstance(palette_raw, list) or not all(
+            isinstance(p, list) and len(p) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255
+                                                       for v in p) for p in palette_raw):
+        raise DataError(f"dataset spec {path}: 'palette' must be a list of [r, g, b] colours (integers 0..255), one "
+                        "per class")
+    palette = tuple(tuple(p) for p in palette_raw)
     if palette and len(palette) < len(classes):
-        raise DataError(f"dataset spec {path}: palette has {len(palette)} colours for {len(classes)} classes")
+        raise DataError(f"dataset spec {path}: 'palette' has {len(palette)} colours for {len(classes)} classes; give "
+                        "one [r, g, b] per class, in class order, or leave it out (the VOC colour map)")
+    name = raw.get("name", path.parent.name)
     return DatasetSpec(
-        name=str(raw.get("name", path.parent.name)),
+        name=str(name),
         classes=classes,
         background=bg,
-        ignore_index=int(raw.get("ignore_index", 255)),
+        ignore_index=ignore,
         palette=palette[: len(classes)],
     )
 

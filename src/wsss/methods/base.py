@@ -3,13 +3,15 @@
 A method answers four questions and nothing else: what it adds to the model (``build_model``), to the batch
 (``transform_batch``), to the loss (``loss``), and which model output holds the localization maps (``maps``).
 The training loop, checkpoints, devices, precision and multi-scale inference are shared and live elsewhere.
-Options are a dataclass per method, validated at load: an option another method owns is rejected with this
-method's own option list.
+Options are a dataclass per method, validated and filled in with every default at load
+(:meth:`Method.resolve_options`, called by :func:`wsss.config.load_config`): an option another method owns is rejected
+with the nearest name and this method's own option list.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wsss.config.load import _build
+from wsss.config.load import _build, to_dict
 from wsss.config.schema import ModelConfig
 from wsss.errors import ConfigError
 from wsss.models import CAMClassifier, build_backbone
@@ -37,11 +39,25 @@ class Method:
         #: whether the dataset has a background class (None = not known, e.g. a method built outside a run); a
         #: method whose recipe differs with and without background reads it instead of asking the user
         self.has_background = has_background
-        valid = [f.name for f in dataclasses.fields(self.Options)]
+        self.options = self._options(options)
+
+    @classmethod
+    def _options(cls, options: Mapping[str, Any] | None) -> Any:
+        valid = [f.name for f in dataclasses.fields(cls.Options)]
+        if options is not None and not isinstance(options, Mapping):
+            raise ConfigError(f"method.options: expected a mapping of option: value, got {options!r} (method "
+                              f"'{cls.name}' takes: {', '.join(valid) or 'no options'})")
         try:
-            self.options = _build(self.Options, dict(options or {}), "method.options")
+            return _build(cls.Options, dict(options or {}), "method.options")
         except ConfigError as e:
-            raise ConfigError(f"{e} (method '{self.name}' takes: {', '.join(valid) or 'no options'})") from None
+            raise ConfigError(f"{e} (method '{cls.name}' takes: {', '.join(valid) or 'no options'})") from None
+
+    @classmethod
+    def resolve_options(cls, options: Mapping[str, Any] | None) -> dict[str, Any]:
+        """``options`` checked and with every default filled in, as a plain dict (what ``method.options`` holds once
+        a config is loaded, so ``{}`` and the spelled-out defaults are one config). Needs no dataset: settings that
+        default from it (``has_background``) keep their "from the dataset" value and are resolved in ``__init__``."""
+        return to_dict(cls._options(options))
 
     def build_model(self, model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         return CAMClassifier(build_backbone(model_cfg), num_classes, freeze_bn=model_cfg.freeze_bn)
