@@ -23,6 +23,7 @@ from wsss.evaluation.metrics import confusion_matrix, segmentation_scores
 from wsss.refine import crf_job, refine_many
 from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "msrc21.yaml"
@@ -38,7 +39,7 @@ GRID = {
 
 
 def load_split(ctx: RunContext, split: str) -> list[tuple]:
-    stage = maps_stage.run(ctx)
+    stage = run_stage(ctx, "maps")
     return [(s, m, ctx.reader.load_mask(s, m["maps"].shape[1:])) for s, m in maps_stage.iter_maps(stage, ctx, split)]
 
 
@@ -62,7 +63,7 @@ def main() -> None:
     ctx = RunContext(cfg)
     workers = max(cfg.crf.workers, 1)
     val = load_split(ctx, ctx.split_name("val"))
-    best = dataclasses.replace(cfg.crf, enabled=True, temperature=0.1)
+    best = dataclasses.replace(cfg.crf, temperature=0.1)
     tried: dict[tuple, float] = {}
 
     def run(c) -> float:
@@ -84,7 +85,7 @@ def main() -> None:
                 if m > best_val + 1e-9:
                     best, best_val = c, m
     train = load_split(ctx, ctx.split_name("train"))
-    default = dataclasses.replace(cfg.crf, enabled=True, temperature=0.1)
+    default = dataclasses.replace(cfg.crf, temperature=0.1)
     t0 = time.perf_counter()
     out = {
         "selection_split": ctx.split_name("val"),

@@ -25,17 +25,22 @@ import dataclasses
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
 from wsss.config import load_config
+from wsss.data.io import load_image
 from wsss.evaluation import ThresholdSweep, confusion_matrix, segmentation_scores
 from wsss.pseudo import pseudo_mask
+from wsss.pseudo.masks import best_class
+from wsss.refine.saliency import check_saliency_config, fuse, fuse_best
 from wsss.runs import Stage
-from wsss.saliency import SaliencySweep, build_source, check_saliency_config, fuse, image_and_saliency
+from wsss.saliency import build_source
 from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "benchmarks" / "out"
@@ -82,12 +87,13 @@ def saliency_run(ctx: RunContext, source_cfg, source, val, train) -> dict:
     spec = ctx.spec
     band, min_cam = source_cfg.ignore_band, source_cfg.min_cam
     t0 = time.perf_counter()
-    val_sal = [image_and_saliency(source, s, m["maps"].shape[1:])[1] for s, m, _ in val]
-    train_sal = [image_and_saliency(source, s, m["maps"].shape[1:])[1] for s, m, _ in train]
+    val_sal = [source(load_image(s.image), s) for s, _, _ in val]
+    train_sal = [source(load_image(s.image), s) for s, _, _ in train]
     seconds = time.perf_counter() - t0  # image decoding included
-    sweep = SaliencySweep(spec, ctx.cfg.eval.sweep, band, min_cam)
+    sweep = ThresholdSweep(spec, ctx.cfg.eval.sweep)
     for sal, (_, m, gt) in zip(val_sal, val):
-        sweep.add(sal, m["maps"], m["classes"], gt)
+        label, score = best_class(m["maps"], m["classes"]) if len(m["classes"]) else (None, None)
+        sweep.add_masks(gt, partial(fuse_best, sal, label, score, spec, ignore_band=band, min_cam=min_cam))
     best = sweep.best()
     t = best["threshold"]
     train_scores = score_masks(ctx, train, lambda i, m: fuse(train_sal[i], m["maps"], m["classes"], spec, t, band,
@@ -131,9 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, [f"name={args.name}", "train.progress=false", *args.overrides])
     ctx = RunContext(cfg)
     check_saliency_config(cfg.saliency, ctx.spec)
-    maps = Stage(ctx.run_dir, "maps", ctx.maps_key())
+    maps = Pipeline(ctx).stage("maps")
     if not maps.complete:
-        sys.exit(f"no complete maps for run '{args.name}' with this config under {maps.dir} (key {ctx.maps_key()}); "
+        sys.exit(f"no complete maps for run '{args.name}' with this config under {maps.dir} (key {maps.key}); "
                  f"run `wsss run {args.config} name={args.name}` first (this benchmark never trains)")
     val_split, train_split = ctx.split_name(cfg.eval.select_on), ctx.split_name("train")
     val, train = load_split(ctx, maps, val_split), load_split(ctx, maps, train_split)
@@ -145,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     built = [build_source(sc) for sc in sources]
     for source in built:  # every source's problems (a missing map, a model that does not fit) before any work
         source.check([s for s, _, _ in val + train])
-    out = {"run": args.name, "dataset": ctx.spec.name, "maps_key": ctx.maps_key(), "selection_split": val_split,
+    out = {"run": args.name, "dataset": ctx.spec.name, "maps_key": maps.key, "selection_split": val_split,
            "reported_split": train_split, "images": {val_split: len(val), train_split: len(train)},
            "ignore_band": cfg.saliency.ignore_band, "min_cam": cfg.saliency.min_cam, "seed": cfg.seed,
            "cam": cam_baseline(ctx, val, train), "saliency": []}

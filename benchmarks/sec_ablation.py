@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from wsss.config import load_config
-from wsss.stages import evaluate
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "msrc21.yaml"
@@ -48,7 +48,7 @@ def main() -> None:
         for post in ([False, True] if label in POSTPROCESS else [False]):
             t0 = time.perf_counter()
             ctx = RunContext(load_config(CONFIG, [*base, *extra, f"seg.crf_postprocess={str(post).lower()}"]))
-            m = evaluate.run(ctx)["seg"]
+            m = run_stage(ctx, "eval")["seg"]
             key = label + (" + CRF post-processing" if post else "")
             rows[key] = {"overrides": [*extra, *args.overrides] + (["seg.crf_postprocess=true"] if post else []),
                          "split": m["split"], "miou": m["miou"], "class_avg_acc": m["class_avg_acc"],

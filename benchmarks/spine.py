@@ -24,17 +24,17 @@ SPEED_MODEL_RUN = "calib"
 
 def quality(args) -> None:
     from wsss.config import load_config
-    from wsss.stages import evaluate
     from wsss.stages.context import RunContext
+    from wsss.stages.pipeline import run_stage
 
     results = {}
     variants = [("cam", ""), ("grad_cam", ""), ("grad_cam_pp", ""), ("grad_cam", "13"), ("grad_cam_pp", "13")]
     for loc, layer in variants:
         overrides = [f"name={args.name}", f"maps.localizer={loc}", f"maps.target_layer={layer!r}" if layer
-                     else "maps.target_layer=''", "train.progress=false", "crf.enabled=false", "seg.enabled=false",
+                     else "maps.target_layer=''", "train.progress=false", "pseudo.refiners=[]", "seg.enabled=false",
                      *args.overrides]
         t0 = time.perf_counter()
-        m = evaluate.run(RunContext(load_config(CONFIG, overrides)))
+        m = run_stage(RunContext(load_config(CONFIG, overrides)), "eval")
         key = loc + (f"@{layer}" if layer else "")
         results[key] = {
             "seconds": round(time.perf_counter() - t0, 1),

@@ -13,12 +13,13 @@ from wsss.config.schema import CrfConfig
 from wsss.data.io import load_image
 from wsss.data.spec import DatasetSpec
 from wsss.errors import ConfigError
+from wsss.layout import MAPS, PSEUDO
 from wsss.localize import load_maps, save_maps
 from wsss.pseudo import pseudo_mask
 from wsss.refine import check_crf_config, crf_pseudo_mask, dense_crf, maps_to_probs, refine_many
-from wsss.runs import Stage
 from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import Pipeline, run_stage
 
 from conftest import fast_overrides, make_voc_dataset
 
@@ -165,6 +166,17 @@ def test_refine_many_in_process_keeps_order():
     assert list(refine_many(abs, [3, -1, -7, 2], workers=0)) == [3, 1, 7, 2]
 
 
+def pseudo_on_seeded_maps(ctx: RunContext):
+    """The pseudo stage's check and compute on the maps stage a test seeded (no classifier behind it), as the
+    pipeline runs them."""
+    pipe = Pipeline(ctx)
+    pseudo_stage.check(ctx)
+    stage = pipe.stage(PSEUDO)
+    stage.open()
+    stage.finish(**pseudo_stage.compute(ctx, {MAPS: pipe.stage(MAPS)}, stage))
+    return stage
+
+
 def _masks(stage_dir):
     return {p.name: np.asarray(Image.open(p)) for p in sorted((stage_dir / "train").glob("*.png"))}
 
@@ -173,7 +185,7 @@ def seed_rough_maps(ctx: RunContext, dy=3, dx=4) -> dict:
     """Write a complete maps stage for the train split, so the pseudo stage runs without training a classifier:
     per image, maps of its classes that are its ground truth shifted by (dy, dx) px (boundaries off the colour
     edges, as CAMs are). Returns the ground-truth masks."""
-    stage = Stage(ctx.run_dir, "maps", ctx.maps_key())
+    stage = Pipeline(ctx).stage(MAPS)
     stage.open()
     rng = np.random.default_rng(0)
     truth = {}
@@ -196,14 +208,15 @@ def accuracy(masks: dict, truth: dict) -> float:
 
 
 def test_pseudo_stage_with_crf_writes_masks_and_workers_do_not_change_them(fast_cfg):
-    ctx = RunContext(fast_cfg(**{"train.epochs": 1, "crf.enabled": True, "crf.workers": 0}))
+    ctx = RunContext(fast_cfg(**{"train.epochs": 1, "pseudo.refiners": "[crf]", "crf.workers": 0}))
     truth = seed_rough_maps(ctx)
-    stage = pseudo_stage.run(ctx)
+    stage = pseudo_on_seeded_maps(ctx)
     assert not (ctx.run_dir / "cls").exists()  # the seeded maps were used
     masks = _masks(stage.dir)
     assert sorted(masks) == sorted(truth)  # one PNG per train image
     info = json.loads((stage.dir / "stage.json").read_text())
-    assert info["complete"] and info["images"] == len(truth) and info["crf_images_per_s"] > 0
+    assert info["complete"] and info["images"] == len(truth) and info["images_per_s"] > 0
+    assert info["refiners"] == ["crf"]
     assert Image.open(next((stage.dir / "train").glob("*.png"))).mode == "P"
     # the CRF pulls the shifted boundaries back onto the rectangles' edges
     raw = {}
@@ -212,11 +225,12 @@ def test_pseudo_stage_with_crf_writes_masks_and_workers_do_not_change_them(fast_
         raw[k] = pseudo_mask(m["maps"], m["classes"], ctx.spec)
     assert accuracy(raw, truth) < 0.9 and accuracy(masks, truth) > 0.95  # 0.87 -> 0.97
 
-    ctx2 = RunContext(fast_cfg(**{"train.epochs": 1, "crf.enabled": True, "crf.workers": 2}))
-    assert ctx2.pseudo_key() == ctx.pseudo_key()  # workers cannot change the masks, so they are not in the key
+    ctx2 = RunContext(fast_cfg(**{"train.epochs": 1, "pseudo.refiners": "[crf]", "crf.workers": 2}))
+    # workers cannot change the masks, so they are not in the key
+    assert Pipeline(ctx2).key(PSEUDO) == Pipeline(ctx).key(PSEUDO)
     shutil.rmtree(stage.dir)  # recompute, on the same maps
-    stage2 = pseudo_stage.run(ctx2)
-    assert json.loads((stage2.dir / "stage.json").read_text())["crf_workers"] == 2
+    stage2 = pseudo_on_seeded_maps(ctx2)
+    assert json.loads((stage2.dir / "stage.json").read_text())["workers"] == 2
     masks2 = _masks(stage2.dir)
     assert masks2.keys() == masks.keys()
     for name in masks:
@@ -226,11 +240,11 @@ def test_pseudo_stage_with_crf_writes_masks_and_workers_do_not_change_them(fast_
 def test_pseudo_stage_passes_confident_regions_on_a_background_dataset(tmp_path):
     root = make_voc_dataset(tmp_path / "bg", background=True)
     cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{
-        "pseudo.bg_threshold": 0.5, "crf.enabled": True, "crf.workers": 0, "crf.confident_bg_low": 0.45,
+        "pseudo.bg_threshold": 0.5, "pseudo.refiners": "[crf]", "crf.workers": 0, "crf.confident_bg_low": 0.45,
         "crf.confident_bg_high": 0.52}))
     ctx = RunContext(cfg)
     seed_rough_maps(ctx)
-    stage = pseudo_stage.run(ctx)
+    stage = pseudo_on_seeded_maps(ctx)
     masks = _masks(stage.dir)
     assert len(masks) == len(ctx.reader.samples("train"))
     for s in ctx.reader.samples("train"):
@@ -242,7 +256,9 @@ def test_pseudo_stage_passes_confident_regions_on_a_background_dataset(tmp_path)
 
 
 def test_pseudo_stage_checks_the_crf_config_before_training(fast_cfg):
-    ctx = RunContext(fast_cfg(**{"crf.enabled": True, "crf.temperature": 0.0}))
+    cfg = fast_cfg(**{"pseudo.refiners": "[crf]"})
+    cfg.crf.temperature = 0.0  # past the loader's own check: the stage checks again before the classifier trains
+    ctx = RunContext(cfg)
     with pytest.raises(ConfigError, match=r"crf\.temperature"):
-        pseudo_stage.run(ctx)
+        run_stage(ctx, "pseudo")
     assert not (ctx.run_dir / "cls").exists()

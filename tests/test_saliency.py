@@ -1,4 +1,5 @@
-"""Saliency sources and saliency-guided pseudo masks (wsss.saliency) and their use in the pseudo stage."""
+"""Saliency sources (wsss.saliency), saliency-guided pseudo masks (the ``saliency`` refiner, wsss.refine.saliency)
+and their use in the pseudo stage."""
 
 import dataclasses
 import json
@@ -12,20 +13,16 @@ from wsss.config.schema import CrfConfig, SaliencyConfig
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.errors import ConfigError, DataError
+from wsss.evaluation import ThresholdSweep
+from wsss.layout import MAPS, PSEUDO
 from wsss.localize import save_maps
-from wsss.runs import Stage
-from wsss.saliency import (
-    SALIENCY_SOURCES,
-    SaliencySweep,
-    build_source,
-    check_saliency_config,
-    fuse,
-    fused_crf_job,
-    saliency_key,
-)
-from wsss.saliency.fusion import fused_probs
+from wsss.pseudo.masks import best_class
+from wsss.refine.crf import crf_refine_mask, mask_probs
+from wsss.refine.saliency import check_saliency_config, fuse, fuse_best
+from wsss.saliency import SALIENCY_SOURCES, build_source, saliency_key
 from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import Pipeline, run_stage
 
 from conftest import fast_overrides, make_voc_dataset
 
@@ -87,8 +84,7 @@ def test_fusion_needs_a_background_class_and_valid_settings():
         fuse(np.ones((4, 6)), maps, classes, NO_BG, 0.5)
     with pytest.raises(ConfigError, match="background class.*to_background"):
         check_saliency_config(SaliencyConfig(), NO_BG)
-    for key, value in (("threshold", 1.0), ("threshold", -0.1), ("ignore_band", -1.0), ("min_cam", float("nan")),
-                       ("crf_gt_prob", 1.0)):
+    for key, value in (("threshold", 1.0), ("threshold", -0.1), ("ignore_band", -1.0), ("min_cam", float("nan"))):
         with pytest.raises(ConfigError, match=f"saliency.{key}"):
             check_saliency_config(SaliencyConfig(**{key: value}), SPEC)
     check_saliency_config(SaliencyConfig(threshold=0.3, ignore_band=0.05, min_cam=0.2), SPEC)
@@ -100,8 +96,11 @@ def test_sweep_scores_each_threshold_like_fuse():
     maps, classes = two_class_maps()
     sal = np.tile(np.array([0.1, 0.4, 0.6, 0.6, 0.4, 0.1], np.float32), (4, 1))
     gt = np.array([[BG, BG, CAT, DOG, BG, BG]] * 4, np.uint8)  # exactly the pixels above 0.5
-    sweep = SaliencySweep(SPEC, [0.05, 0.3, 0.5])
-    sweep.add(sal, maps, classes, gt)
+    sweep = ThresholdSweep(SPEC, [0.05, 0.3, 0.5])  # the evaluation's sweep, of the fusion rule
+    label, score = best_class(maps, classes)
+    sweep.add_masks(gt, lambda t: fuse_best(sal, label, score, SPEC, t))
+    for t in (0.05, 0.3, 0.5):
+        np.testing.assert_array_equal(fuse_best(sal, label, score, SPEC, t), fuse(sal, maps, classes, SPEC, t))
     res = {r["threshold"]: r["miou"] for r in sweep.results()}
     assert res[0.5] == 100.0 and res[0.3] < 100.0 and res[0.05] < res[0.3]
     assert sweep.best()["threshold"] == 0.5
@@ -109,7 +108,7 @@ def test_sweep_scores_each_threshold_like_fuse():
 
 def test_fused_probs_and_crf_keep_ignore_and_zero_saliency():
     mask = np.array([[BG, CAT, IGN]], np.uint8)
-    probs = fused_probs(mask, np.array([BG, CAT, DOG]), 0.7, IGN)
+    probs = mask_probs(mask, np.array([BG, CAT, DOG]), 0.7, IGN)
     np.testing.assert_allclose(probs[:, 0, 0], [0.7, 0.15, 0.15])
     np.testing.assert_allclose(probs[:, 0, 1], [0.15, 0.7, 0.15])
     np.testing.assert_allclose(probs[:, 0, 2], [1 / 3] * 3)
@@ -120,12 +119,13 @@ def test_fused_probs_and_crf_keep_ignore_and_zero_saliency():
     fused = np.full((h, w), BG, np.uint8)
     fused[:, 20:] = CAT
     fused[:2, 25:] = IGN
+    fused[-1, -1] = BG  # zero saliency: the fusion made it background, and the CRF after it must keep that
     zero = np.zeros((h, w), bool)
     zero[-1, -1] = True
-    out = fused_crf_job({"image": image, "mask": fused, "classes": np.array([CAT]), "zero": zero, "spec": SPEC,
-                         "cfg": CrfConfig(), "gt_prob": 0.7})
+    out = crf_refine_mask(image, fused, np.array([CAT]), SPEC, CrfConfig(), 0.7, fixed=zero)
     assert (out[2:, 15:-1] == CAT).mean() > 0.95 and (out[:, :15] == BG).all()
     assert (out[:2, 25:] == IGN).all() and out[-1, -1] == BG
+    assert crf_refine_mask(image, fused, np.array([CAT]), SPEC, CrfConfig(), 0.7)[-1, -1] == CAT  # without fixed
 
 
 # -- classical sources -------------------------------------------------------------------------------------------
@@ -271,13 +271,13 @@ def bg_cfg(tmp_path, **extra):
     root = tmp_path / "toy"
     if not root.exists():
         make_voc_dataset(root, background=True)
-    return load_config(None, fast_overrides(root, tmp_path / "runs", **{"pseudo.method": "saliency", **extra}))
+    return load_config(None, fast_overrides(root, tmp_path / "runs", **{"pseudo.refiners": "[saliency]", **extra}))
 
 
 def seed_part_maps(ctx: RunContext, splits=("train", "val")) -> None:
     """A complete maps stage (so no classifier is trained): per image, maps that cover only the top-left quarter of
     each object -- the CAM failure saliency is meant to fix -- and a weak uniform score elsewhere."""
-    stage = Stage(ctx.run_dir, "maps", ctx.maps_key())
+    stage = Pipeline(ctx).stage(MAPS)
     stage.open()
     for split in splits:
         for s in ctx.reader.samples(split):
@@ -291,6 +291,17 @@ def seed_part_maps(ctx: RunContext, splits=("train", "val")) -> None:
                 maps.append(m)
             save_maps(stage.dir / split / f"{s.id}.npz", np.stack(maps), classes, np.zeros(ctx.spec.num_fg))
     stage.finish(splits={})
+
+
+def pseudo_on_seeded_maps(ctx: RunContext):
+    """The pseudo stage's check and compute on the maps stage a test seeded (no classifier behind it), as the
+    pipeline runs them."""
+    pipe = Pipeline(ctx)
+    pseudo_stage.check(ctx)
+    stage = pipe.stage(PSEUDO)
+    stage.open()
+    stage.finish(**pseudo_stage.compute(ctx, {MAPS: pipe.stage(MAPS)}, stage))
+    return stage
 
 
 def masks_and_truth(ctx, stage):
@@ -309,27 +320,28 @@ def test_saliency_masks_recover_object_extent_the_maps_miss(tmp_path):
     # residual highlights their edges only (on this data 0.61 accuracy vs the maps' 0.81)
     ctx = RunContext(bg_cfg(tmp_path, **{"saliency.source": "frequency_tuned"}))
     seed_part_maps(ctx)
-    stage = pseudo_stage.run(ctx)
+    stage = pseudo_on_seeded_maps(ctx)
     assert not (ctx.run_dir / "cls").exists()  # the seeded maps were used
     info = json.loads((stage.dir / "stage.json").read_text())
-    assert info["method"] == "saliency" and info["saliency_chosen_on"] == "val"
+    assert info["refiners"] == ["saliency"] and info["saliency_chosen_on"] == "val"
     assert info["saliency_threshold"] in ctx.cfg.eval.sweep and info["images"] == 8
     assert "bg_threshold" in info  # still chosen: evaluate scores the raw maps with it
     sal_acc = accuracy(masks_and_truth(ctx, stage))
-    cam_ctx = RunContext(bg_cfg(tmp_path, **{"pseudo.method": "cam"}))
-    cam_acc = accuracy(masks_and_truth(cam_ctx, pseudo_stage.run(cam_ctx)))  # same maps, best threshold on val
+    cam_ctx = RunContext(bg_cfg(tmp_path, **{"pseudo.refiners": "[]"}))
+    cam_acc = accuracy(masks_and_truth(cam_ctx, pseudo_on_seeded_maps(cam_ctx)))  # same maps, best threshold on val
     assert sal_acc > cam_acc + 0.03 and sal_acc > 0.9, (sal_acc, cam_acc)
 
 
 def test_saliency_pseudo_stage_end_to_end_with_a_trained_classifier_and_crf(tmp_path):
-    cfg = bg_cfg(tmp_path, **{"train.epochs": 1, "saliency.source": "frequency_tuned", "crf.enabled": True,
-                              "crf.workers": 0, "saliency.ignore_band": 0.02, "eval.sweep": "[0.2, 0.4, 0.6]",
-                              "maps.splits": "[train, val]"})
+    cfg = bg_cfg(tmp_path, **{"train.epochs": 1, "saliency.source": "frequency_tuned",
+                              "pseudo.refiners": "[saliency, crf]", "crf.workers": 0, "saliency.ignore_band": 0.02,
+                              "eval.sweep": "[0.2, 0.4, 0.6]", "maps.splits": "[train, val]"})
     ctx = RunContext(cfg)
-    stage = pseudo_stage.run(ctx)
+    stage = run_stage(ctx, "pseudo")
     assert (ctx.run_dir / "cls" / "model.pt").exists()
     info = stage.info()
-    assert info["complete"] and info["saliency_crf"] and info["saliency_threshold"] in (0.2, 0.4, 0.6)
+    assert info["complete"] and info["refiners"] == ["saliency", "crf"]
+    assert info["saliency_threshold"] in (0.2, 0.4, 0.6)
     pairs = masks_and_truth(ctx, stage)
     assert len(pairs) == 8
     values = set(np.unique(np.concatenate([m.ravel() for m, _ in pairs])).tolist())
@@ -338,29 +350,33 @@ def test_saliency_pseudo_stage_end_to_end_with_a_trained_classifier_and_crf(tmp_
     bg_hit = sum(((m == 0) & (t == 0)).sum() for m, t in pairs) / sum((t == 0).sum() for _, t in pairs)
     assert bg_hit > 0.8, bg_hit
     # the saliency threshold's choice lands in metrics.json beside the background threshold's
-    from wsss.stages import evaluate
+    from wsss.stages import pipeline
 
-    sel = evaluate.run(RunContext(dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, enabled=False))))["selection"]
+    no_seg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, enabled=False))
+    sel = pipeline.run(RunContext(no_seg), "eval")["eval"]["selection"]
     assert sel["saliency_threshold"] == info["saliency_threshold"] and sel["saliency_chosen_on"] == "val"
 
 
 def test_saliency_settings_key_the_pseudo_stage_only_when_used(tmp_path):
-    cam = RunContext(bg_cfg(tmp_path, **{"pseudo.method": "cam"}))
-    cam2 = RunContext(bg_cfg(tmp_path, **{"pseudo.method": "cam", "saliency.threshold": 0.3}))
-    assert cam.pseudo_key() == cam2.pseudo_key()
-    sal = RunContext(bg_cfg(tmp_path))
-    assert sal.pseudo_key() != cam.pseudo_key()
-    assert sal.pseudo_key() != RunContext(bg_cfg(tmp_path, **{"saliency.threshold": 0.3})).pseudo_key()
-    assert sal.pseudo_key() != RunContext(bg_cfg(tmp_path, **{"saliency.source": "frequency_tuned"})).pseudo_key()
+    def key(**extra):
+        return Pipeline(RunContext(bg_cfg(tmp_path, **extra))).key(PSEUDO)
+
+    cam = key(**{"pseudo.refiners": "[]"})
+    assert cam == key(**{"pseudo.refiners": "[]", "saliency.threshold": 0.3})
+    sal = key()
+    assert sal != cam
+    assert sal != key(**{"saliency.threshold": 0.3})
+    assert sal != key(**{"saliency.source": "frequency_tuned"})
     # options of a source that is not used, and the CRF's gt_prob without the CRF, change nothing
-    assert sal.pseudo_key() == RunContext(bg_cfg(tmp_path, **{"saliency.onnx_output": "logit",
-                                                              "saliency.crf_gt_prob": 0.9})).pseudo_key()
+    assert sal == key(**{"saliency.onnx_output": "logit", "pseudo.options.crf.gt_prob": 0.9})
+    assert key(**{"pseudo.refiners": "[saliency, crf]"}) != key(**{"pseudo.refiners": "[saliency, crf]",
+                                                                   "pseudo.options.crf.gt_prob": 0.9})
     # a folder source's key follows the files in it
     folder = tmp_path / "maps_png"
     folder.mkdir()
-    key = saliency_key(SaliencyConfig(source="folder", folder=str(folder)), crf_enabled=False)
+    k = saliency_key(SaliencyConfig(source="folder", folder=str(folder)))
     Image.fromarray(np.zeros((2, 2), np.uint8), "L").save(folder / "x.png")
-    assert saliency_key(SaliencyConfig(source="folder", folder=str(folder)), crf_enabled=False) != key
+    assert saliency_key(SaliencyConfig(source="folder", folder=str(folder))) != k
 
 
 def test_saliency_problems_are_reported_before_training(tmp_path):
@@ -368,10 +384,10 @@ def test_saliency_problems_are_reported_before_training(tmp_path):
     folder.mkdir()
     ctx = RunContext(bg_cfg(tmp_path, **{"saliency.source": "folder", "saliency.folder": str(folder)}))
     with pytest.raises(DataError, match="no saliency map <id>.png for 12 of 12 images: img000, img001"):
-        pseudo_stage.run(ctx)  # train (8) + val (4, for the threshold) checked up front
+        run_stage(ctx, "pseudo")  # train (8) + val (4, for the threshold) checked up front
     assert not (ctx.run_dir / "cls").exists()
     no_bg = make_voc_dataset(tmp_path / "nobg")
-    ctx = RunContext(load_config(None, fast_overrides(no_bg, tmp_path / "runs2", **{"pseudo.method": "saliency"})))
+    ctx = RunContext(load_config(None, fast_overrides(no_bg, tmp_path / "runs2", **{"pseudo.refiners": "[saliency]"})))
     with pytest.raises(ConfigError, match="need a dataset with a background class"):
-        pseudo_stage.run(ctx)
+        run_stage(ctx, "pseudo")
     assert not (ctx.run_dir / "cls").exists()

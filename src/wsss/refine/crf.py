@@ -1,4 +1,4 @@
-"""Dense CRF refinement of localization maps into pseudo masks.
+"""Dense CRF refinement of localization maps (or of a mask) into pseudo masks: the ``crf`` refiner.
 
 The model is the fully connected CRF of Krähenbühl & Koltun, "Efficient Inference in Fully Connected CRFs with
 Gaussian Edge Potentials", NIPS 2011: a unary term per pixel plus a pairwise Potts term between *every* pair of
@@ -15,6 +15,13 @@ How weakly supervised segmentation uses it:
   background score, to get *confident* regions: foreground that survives a strong background is confidently
   foreground, background that survives a weak background is confidently background; the rest is left unlabelled
   for the next step to decide (see :func:`crf_pseudo_mask`).
+- IRN refines a *label* map the same way (``crf_inference_label``): the unary gives probability ``gt_prob`` to the
+  given label and spreads the rest over the image's other labels. That is what the ``crf`` refiner does when an
+  earlier refiner gave a mask (``pseudo.refiners: [saliency, crf]``), see :func:`crf_refine_mask`.
+
+As a refiner (:class:`DenseCrf`, ``pseudo.refiners: [crf]``) it takes maps or a mask and gives a mask; its kernels
+are the top-level ``crf`` section (shared with ``seg.crf_postprocess`` and SEC's constrain loss), its own option is
+``gt_prob`` (``pseudo.options.crf``). It runs in ``crf.workers`` processes over images.
 
 Where we differ:
 
@@ -28,13 +35,14 @@ Where we differ:
 - The image must be the original 8-bit RGB image. A mean-subtracted float image cast to ``uint8`` wraps around and
   silently corrupts the colour kernel (a classic bug in WSSS code); :func:`dense_crf` refuses anything but
   ``uint8`` so that the cast has to be made, and seen, by the caller.
+- On a mask, ignore pixels get a uniform unary (the CRF does not trust them) and stay ignore afterwards; pixels an
+  earlier refiner fixed (zero saliency) keep their label.
 """
 
 from __future__ import annotations
 
-import collections
-import multiprocessing
-from collections.abc import Callable, Iterable, Iterator
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +52,9 @@ from wsss.data.io import load_image
 from wsss.data.spec import DatasetSpec
 from wsss.errors import ConfigError, DataError
 from wsss.pseudo import pseudo_mask
+from wsss.refine.base import MAPS, MASK, REFINERS, Item, Refiner
+
+log = logging.getLogger("wsss.refine")
 
 #: probabilities are clipped to this before the log (as in pydensecrf.utils.unary_from_softmax)
 PROB_CLIP = 1e-5
@@ -218,23 +229,89 @@ def crf_job(job: dict) -> np.ndarray:
                            job.get("ignore_below"))
 
 
-def refine_many(fn: Callable[[Any], Any], jobs: Iterable[Any], workers: int) -> Iterator[Any]:
-    """``fn(job)`` for every job, in ``workers`` processes (0 = in this process); results come back in job order.
+def mask_probs(mask: np.ndarray, labels: np.ndarray, gt_prob: float, ignore_index: int) -> np.ndarray:
+    """(C, H, W) float32 CRF unary probabilities of a ``mask`` over the channel ``labels`` (C,): ``gt_prob`` on the
+    pixel's label, ``(1 - gt_prob) / (C - 1)`` on each other one; ignore pixels uniform (1 / C)."""
+    c = len(labels)
+    lut = np.full(256, -1, np.int64)
+    lut[labels] = np.arange(c)
+    channel = lut[mask]
+    if ((channel < 0) & (mask != ignore_index)).any():
+        bad = np.unique(mask[(channel < 0) & (mask != ignore_index)]).tolist()
+        raise ValueError(f"mask_probs: mask values {bad} are not among the channel labels {labels.tolist()}")
+    if c == 1:
+        return np.ones((1, *mask.shape), np.float32)
+    probs = np.full((c, *mask.shape), (1.0 - gt_prob) / (c - 1), np.float32)
+    known = channel >= 0
+    np.put_along_axis(probs, np.where(known, channel, 0)[None], np.float32(gt_prob), 0)
+    probs[:, ~known] = 1.0 / c
+    return probs
 
-    ``fn`` must be a module-level function (workers are started with 'spawn', which imports it by name; no forked
-    copies of a parent that holds torch threads). At most ``2 * workers`` jobs are in flight, so a lazy ``jobs``
-    iterator (e.g. maps loaded one by one) is never read far ahead of the results. A worker's exception is raised
-    here when its result is due.
-    """
-    if workers <= 0:
-        for job in jobs:
-            yield fn(job)
-        return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for job in jobs:
-            pending.append(pool.apply_async(fn, (job,)))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+
+def crf_refine_mask(
+    image: np.ndarray,
+    mask: np.ndarray,
+    classes: np.ndarray,
+    spec: DatasetSpec,
+    cfg: CrfConfig,
+    gt_prob: float,
+    fixed: np.ndarray | None = None,
+) -> np.ndarray:
+    """(H, W) uint8: the dense CRF of ``mask`` on ``image`` (HxWx3 uint8 RGB), over the background (if the dataset
+    has one) and the image's ``classes``, with the unary of :func:`mask_probs`. Ignore pixels stay ignore; pixels
+    where ``fixed`` is true keep their label."""
+    bg = [] if spec.background is None else [spec.background]
+    labels = np.unique(np.concatenate([bg, np.asarray(classes, np.int64)]).astype(np.int64))
+    if len(labels) == 0:
+        return mask.copy()
+    probs = mask_probs(mask, labels, gt_prob, spec.ignore_index)
+    out = labels[dense_crf(image, probs, cfg).argmax(0)].astype(np.uint8)
+    out[mask == spec.ignore_index] = spec.ignore_index
+    if fixed is not None:
+        out[fixed] = mask[fixed]
+    return out
+
+
+@dataclass
+class CrfOptions:
+    #: when the CRF refines a mask (e.g. ``[saliency, crf]``): probability of the mask's label in the unary, the
+    #: rest spread evenly over the image's other labels (IRN's gt_prob)
+    gt_prob: float = 0.7
+
+    def __post_init__(self):
+        if not (np.isfinite(self.gt_prob) and 0 < self.gt_prob < 1):
+            raise ConfigError(f"pseudo.options.crf.gt_prob: must be a number in (0, 1), got {self.gt_prob!r}")
+
+
+@REFINERS.register("crf")
+class DenseCrf(Refiner):
+    name = "crf"
+    Options = CrfOptions
+    takes = (MAPS, MASK)
+    gives = MASK
+    sections = ("crf",)
+
+    def check(self, ctx: Any) -> None:
+        check_crf_config(self.cfg.crf)
+        if self.cfg.crf.confident_bg_low is None:
+            return
+        if self.given == MASK:
+            log.warning("pseudo: crf.confident_bg_low/high apply to the CRF of maps, not of a mask; ignored")
+        elif ctx.spec.background is None:
+            log.warning("pseudo: crf.confident_bg_low/high apply to datasets with a background class only; ignored")
+
+    def workers(self) -> int:
+        return self.cfg.crf.workers
+
+    def key(self) -> dict:
+        crf = {k: v for k, v in super().key()["crf"].items() if k != "workers"}  # workers cannot change a mask
+        # gt_prob only shapes the unary of a mask
+        return {"crf": crf, **({"options": {"gt_prob": self.options.gt_prob}} if self.given == MASK else {})}
+
+    def refine(self, x: Item) -> Item:
+        crf = self.cfg.crf
+        if x.mask is None:
+            mask = crf_pseudo_mask(x.image, x.maps, x.classes, x.spec, x.bg_threshold, crf, x.ignore_below)
+        else:
+            mask = crf_refine_mask(x.image, x.mask, x.classes, x.spec, crf, self.options.gt_prob, x.fixed)
+        return x.replace(mask=mask)

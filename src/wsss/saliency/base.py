@@ -73,12 +73,12 @@ def build_source(cfg: SaliencyConfig) -> SaliencySource:
     return SALIENCY_SOURCES.get(cfg.source)(cfg)
 
 
-def saliency_key(cfg: SaliencyConfig, crf_enabled: bool) -> dict:
+def saliency_key(cfg: SaliencyConfig) -> dict:
     """The saliency settings that change pseudo masks (for the pseudo stage key): the common ones, the chosen
-    source's own options and its file fingerprint, and ``crf_gt_prob`` when the CRF runs. An unknown source is
-    keyed by its name only (building the source reports it)."""
+    source's own options and its file fingerprint. An unknown source is keyed by its name only (building the source
+    reports it)."""
     d = asdict(cfg)
-    keep = list(COMMON_OPTIONS) + (["crf_gt_prob"] if crf_enabled else [])
+    keep = list(COMMON_OPTIONS)
     out: dict[str, Any] = {}
     if cfg.source in SALIENCY_SOURCES:
         cls = SALIENCY_SOURCES.get(cfg.source)

@@ -22,8 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from wsss.errors import ConfigError
 from wsss.saliency.base import SALIENCY_SOURCES, SaliencySource
@@ -37,6 +35,10 @@ def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     shrinking."""
     if tuple(x.shape[:2]) == tuple(size):
         return np.asarray(x, np.float32)
+    # torch only here: the CRF's worker processes import the refiners, and with them this module
+    import torch
+    import torch.nn.functional as F
+
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     t = t[None, None] if t.ndim == 2 else t.permute(2, 0, 1)[None]
     shrink = size[0] < x.shape[0] or size[1] < x.shape[1]
