@@ -11,7 +11,7 @@ from PIL import Image
 
 from wsss.cli import main
 from wsss.config import load_config
-from wsss.data.datasets import ClassificationDataset, ErasedInputs, InferenceDataset, load_erase_mask, mean_colour
+from wsss.data.datasets import ClassificationDataset, InferenceDataset
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
@@ -19,8 +19,9 @@ from wsss.errors import ConfigError, DataError
 from wsss.localize import load_maps, save_maps
 from wsss.methods import build_method
 from wsss.methods.adv_erase import erase_region, erase_summary, union_maps
-from wsss.stages import train_cls
+from wsss.stages.adv_erase import ErasedInputs, load_erase_mask, mean_colour, write_erase_masks
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import Pipeline, run_stage
 
 from conftest import fast_overrides
 
@@ -57,7 +58,7 @@ def test_round2_input_is_round1_region_filled_with_the_mean_colour(tmp_path):
     mined.mkdir()
     save_maps(mined / "a.npz", maps, np.array([1, 2]), np.zeros(3))
     save_maps(mined / "b.npz", np.zeros((1, 4, 8), np.float32), np.array([3]), np.zeros(3))
-    fractions = train_cls.write_erase_masks(samples, mined, None, tmp_path / "r2", 0.8)
+    fractions = write_erase_masks(samples, mined, None, tmp_path / "r2", 0.8)
     region = np.zeros((6, 8), bool)
     region[0:2, 0:3] = True
     region[4:6, 5:8] = True  # both classes of the multi-label image
@@ -65,7 +66,7 @@ def test_round2_input_is_round1_region_filled_with_the_mean_colour(tmp_path):
     assert fractions == {"a": region.mean(), "b": 0.0}
 
     erase = ErasedInputs(tmp_path / "r2", fill)
-    ds = ClassificationDataset(samples, SPEC, _raw, erase=erase)
+    ds = ClassificationDataset(samples, SPEC, _raw, image_filter=erase)
     got = ds[(0, 0)]["image"].numpy()
     assert (got[region] == np.array(fill, np.uint8)).all()
     assert np.array_equal(got[~region], a[~region])  # untouched elsewhere
@@ -80,7 +81,7 @@ def test_round2_input_is_round1_region_filled_with_the_mean_colour(tmp_path):
     mined3.mkdir()
     save_maps(mined3 / "a.npz", maps3, np.array([1, 2]), np.zeros(3))
     save_maps(mined3 / "b.npz", np.zeros((1, 4, 8), np.float32), np.array([3]), np.zeros(3))
-    train_cls.write_erase_masks(samples, mined3, tmp_path / "r2", tmp_path / "r3", 0.8)
+    write_erase_masks(samples, mined3, tmp_path / "r2", tmp_path / "r3", 0.8)
     region3 = region.copy()
     region3[2:4, 0:2] = True
     assert np.array_equal(load_erase_mask(tmp_path / "r3" / "a.png"), region3)
@@ -123,13 +124,16 @@ def test_options_are_validated_and_maps_must_be_max_normalised(fast_cfg):
         build_method("adv_erase", {"erase_threshold": 1.5})
     with pytest.raises(ConfigError, match="rounds"):
         build_method("adv_erase", {"rounds": 0})
-    ctx = RunContext(fast_cfg(**{"method.name": "adv_erase", "maps.normalize": "minmax"}))
-    with pytest.raises(ConfigError, match="maps.normalize=max"):
-        train_cls.run(ctx)
+    with pytest.raises(ConfigError, match="maps.normalize=max"):  # when the config is loaded
+        fast_cfg(**{"method.name": "adv_erase", "maps.normalize": "minmax"})
 
 
 def _mtimes(paths):
     return {p: p.stat().st_mtime_ns for p in paths}
+
+
+def _records(d, *names):
+    return [json.loads((d / n / "stage.json").read_text()) for n in names]
 
 
 def test_one_command_runs_every_round_and_a_rerun_reuses_them(toy_root, tmp_path, capsys):
@@ -140,23 +144,26 @@ def test_one_command_runs_every_round_and_a_rerun_reuses_them(toy_root, tmp_path
     d = tmp_path / "runs" / "ae"
     for r in ("cls", "cls_r2"):
         assert (d / r / "model.pt").exists()
-        assert json.loads((d / r / "mined" / "stage.json").read_text())["complete"]
+    assert all(r["complete"] for r in _records(d, "mined_r1", "mined_r2"))
     train_ids = (toy_root / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
     assert sorted(p.stem for p in (d / "cls_r2" / "erase").glob("*.png")) == sorted(train_ids)
 
-    report = json.loads((d / "cls_rounds.json").read_text())["rounds"]
-    assert [r["round"] for r in report] == [1, 2]
-    assert report[0]["erase"] is None and report[1]["erase"]["images"] == len(train_ids)
-    assert report[1]["images_trained"] == len(train_ids) - report[1]["erase"]["over_erased"]
-    assert report[1]["train_map_miou"]["union"] is not None
+    # the per-round report: each round's record, carried into metrics.json
+    r1, r2, m2 = _records(d, "cls", "cls_r2", "mined_r2")
+    assert r1["round"] == 1 and "erase" not in r1
+    assert r2["erase"]["images"] == len(train_ids)
+    assert r2["images"] == len(train_ids) - r2["erase"]["over_erased"]
+    assert m2["train_map_scores"]["union"] is not None
+    stages = json.loads((d / "metrics.json").read_text())["stages"]
+    assert stages["cls_r2"]["erase"] == r2["erase"] and stages["mined_r2"]["role"] == "mining"
 
     # the round-2 classifier trained on the erased images: its mined maps were taken on them too
     i = train_ids[0]
     erase = load_erase_mask(d / "cls_r2" / "erase" / f"{i}.png")
-    r1 = load_maps(d / "cls" / "mined" / f"{i}.npz")
-    assert np.array_equal(erase, (r1["maps"] > 0.5).any(0))
+    m1 = load_maps(d / "mined_r1" / f"{i}.npz")
+    assert np.array_equal(erase, (m1["maps"] > 0.5).any(0))
     # union maps: per-class max of the rounds (train: the mined maps; val: the chain run by the maps stage)
-    for split, dirs in (("train", [d / "cls" / "mined", d / "cls_r2" / "mined"]),
+    for split, dirs in (("train", [d / "mined_r1", d / "mined_r2"]),
                         ("val", [d / "maps" / "rounds" / "val" / f"r{k}" / "maps" for k in (1, 2)])):
         for f in sorted((d / "maps" / split).glob("*.npz")):
             u = load_maps(f)
@@ -168,11 +175,10 @@ def test_one_command_runs_every_round_and_a_rerun_reuses_them(toy_root, tmp_path
     assert (d / "maps" / "rounds" / "val" / "r2" / "erase").is_dir()
 
     before = _mtimes([d / "cls" / "model.pt", d / "cls_r2" / "model.pt", *sorted((d / "maps" / "val").glob("*.npz")),
-                      *sorted((d / "cls_r2" / "mined").glob("*.npz"))])
+                      *sorted((d / "mined_r2").glob("*.npz"))])
     capsys.readouterr()
-    assert main(["train-cls", _cfg_file(tmp_path), *args]) == 0
     assert main(["maps", _cfg_file(tmp_path), *args]) == 0
-    assert "cls_r2" in capsys.readouterr().out  # train-cls names the last round's checkpoint
+    assert "reusing" not in capsys.readouterr().out
     assert _mtimes(before) == before  # nothing retrained or re-extracted
 
 
@@ -188,50 +194,71 @@ class _Killed(Exception):
 
 def test_over_erased_image_dropped_and_killed_round_resumes(fast_cfg, caplog):
     fast = {"method.name": "adv_erase", "train.epochs": 1, "maps.flip": False}
-    one = fast_cfg(name="ae", **{**fast, "method.options.rounds": 1})
-    ctx = RunContext(one)
-    first = train_cls.train_rounds(ctx)
+    ctx = RunContext(fast_cfg(name="ae", **{**fast, "method.options.rounds": 1}))
+    run_stage(ctx, "mined_r1")
     d = ctx.run_dir
-    assert len(first) == 1 and not (d / "cls_r2").exists()
+    assert not (d / "cls_r2").exists()
     r1_mtime = (d / "cls" / "model.pt").stat().st_mtime_ns
 
     # round 1 "found" the whole of one image: round 2 must not train on its blank remains
     victim = ctx.reader.samples("train")[2]
-    path = d / "cls" / "mined" / f"{victim.id}.npz"
+    path = d / "mined_r1" / f"{victim.id}.npz"
     m = load_maps(path)
     save_maps(path, np.ones_like(m["maps"]), m["classes"], m["scores"])
-
-    two = RunContext(fast_cfg(name="ae", **{**fast, "method.options.rounds": 2}))
 
     def kill_in_round_2(epoch):
         if (d / "cls_r2" / "last.ckpt").exists():
             raise _Killed
 
+    two = RunContext(fast_cfg(name="ae", **{**fast, "method.options.rounds": 2}), after_epoch=kill_in_round_2)
     with caplog.at_level(logging.WARNING, logger="wsss.stages"), pytest.raises(_Killed):
-        train_cls.run(two, after_epoch=kill_in_round_2)
+        run_stage(two, "cls_r2")
     assert victim.id in caplog.text and "dropped" in caplog.text
     assert (d / "cls_r2" / "last.ckpt").exists() and not (d / "cls_r2" / "model.pt").exists()
     assert (d / "cls" / "model.pt").stat().st_mtime_ns == r1_mtime
 
-    stage = train_cls.run(RunContext(two.cfg))
+    stage = run_stage(RunContext(two.cfg), "cls_r2")
     assert stage.dir == d / "cls_r2" and stage.complete
     assert (d / "cls" / "model.pt").stat().st_mtime_ns == r1_mtime  # round 1 reused (rounds is not in its key)
     assert load_erase_mask(d / "cls_r2" / "erase" / f"{victim.id}.png").all()
-    report = json.loads((d / "cls_rounds.json").read_text())["rounds"]
-    assert report[1]["erase"]["dropped"] == [victim.id] and report[1]["erase"]["fraction_max"] == 1.0
+    info = stage.info()
+    assert info["erase"]["dropped"] == [victim.id] and info["erase"]["fraction_max"] == 1.0
     n_labelled = sum(1 for s in ctx.reader.samples("train") if s.labels)
-    assert report[1]["images_trained"] == n_labelled - 1
+    assert info["images"] == n_labelled - 1
     assert json.loads((d / "cls_r2" / "summary.json").read_text())["images"] == n_labelled - 1
 
 
-def test_baseline_keys_do_not_depend_on_erasing(fast_cfg):
-    base = RunContext(fast_cfg())
-    ae = RunContext(fast_cfg(**{"method.name": "adv_erase", "method.options.rounds": 2}))
-    assert base.erasing is None and ae.erasing.rounds == 2
-    assert ae.cls_key() == ae.round_key(2) != ae.round_key(1)
+def test_a_killed_round_resumes_to_the_uninterrupted_result(fast_cfg):
+    """Bit for bit in fp32: round 2 killed after its first epoch and resumed ends where an uninterrupted run ends."""
+    fast = {"method.name": "adv_erase", "method.options.rounds": 2, "train.epochs": 2, "maps.flip": False}
+    whole = RunContext(fast_cfg(name="whole", **fast))
+    run_stage(whole, "cls_r2")
+
+    def kill(epoch):
+        if (cut.run_dir / "cls_r2" / "last.ckpt").exists():
+            raise _Killed
+
+    cut = RunContext(fast_cfg(name="cut", **fast), after_epoch=kill)
+    with pytest.raises(_Killed):
+        run_stage(cut, "cls_r2")
+    run_stage(RunContext(cut.cfg), "cls_r2")
+    a = torch.load(whole.run_dir / "cls_r2" / "model.pt", weights_only=True)["model"]
+    b = torch.load(cut.run_dir / "cls_r2" / "model.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_keys(fast_cfg):
+    base = Pipeline(RunContext(fast_cfg()))
+    ae = Pipeline(RunContext(fast_cfg(**{"method.name": "adv_erase", "method.options.rounds": 2})))
+    assert base.order == ["cls", "maps", "pseudo", "seg", "pred", "eval"]
+    assert ae.order == ["cls", "mined_r1", "cls_r2", "mined_r2", "maps", "pseudo", "seg", "pred", "eval"]
+    assert ae.key("cls") != base.key("cls")  # the method's name is part of round 1
     # round 1 does not depend on the method's options or the map settings; later rounds do
-    other = RunContext(fast_cfg(**{"method.name": "adv_erase", "method.options.rounds": 3,
-                                   "method.options.erase_threshold": 0.6, "maps.flip": False}))
-    assert other.round_key(1) == ae.round_key(1)
-    assert other.round_key(2) != ae.round_key(2)
-    assert load_config(None, ["method.name=adv_erase"]).method.name == "adv_erase"
+    other = Pipeline(RunContext(fast_cfg(**{"method.name": "adv_erase", "method.options.rounds": 3,
+                                            "method.options.erase_threshold": 0.6, "maps.flip": False})))
+    assert other.key("cls") == ae.key("cls")
+    assert other.key("mined_r1") != ae.key("mined_r1")  # maps.flip
+    assert other.key("cls_r2") != ae.key("cls_r2") and other.key("maps") != ae.key("maps")
+    same_maps = Pipeline(RunContext(fast_cfg(**{"method.name": "adv_erase", "method.options.rounds": 3})))
+    assert same_maps.key("cls_r2") == ae.key("cls_r2")  # more rounds keep the earlier ones
+    assert same_maps.key("maps") != ae.key("maps")

@@ -267,14 +267,13 @@ def test_attention_localizers_land_on_the_object_of_a_trained_vit():
 def test_maps_stage_with_rollout_on_a_vit(fast_cfg, toy_root):
     """The whole path a user takes: config -> classifier training on vit_test -> rollout maps of every image."""
     from wsss.localize import load_maps
-    from wsss.stages import maps as maps_stage
-    from wsss.stages import train_cls
     from wsss.stages.context import RunContext
+    from wsss.stages.pipeline import run_stage
 
     ctx = RunContext(fast_cfg(**{"model.backbone": "vit_test", "model.output_stride": 16, "train.epochs": 1,
                                  "maps.localizer": "rollout", "maps.scales": "[0.5, 1.0]", "maps.splits": "[train]"}))
-    train_cls.run(ctx)
-    stage = maps_stage.run(ctx)
+    run_stage(ctx, "cls")
+    stage = run_stage(ctx, "maps")
     files = sorted((stage.dir / "train").glob("*.npz"))
     assert len(files) == 8
     m = load_maps(files[0])

@@ -11,9 +11,8 @@ from wsss.config.schema import DataConfig
 from wsss.data.io import load_image, load_mask
 from wsss.data.readers import open_dataset
 from wsss.errors import ConfigError, DataError
-from wsss.stages import maps as maps_stage
-from wsss.stages import train_cls
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 
 def _first_id(root, split="train"):
@@ -26,17 +25,17 @@ def test_truncated_image_named_before_training(fast_cfg, toy_root):
     p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])
     ctx = RunContext(fast_cfg())
     with pytest.raises(DataError) as e:
-        train_cls.run(ctx)
+        run_stage(ctx, "cls")
     assert f"{i}.jpg" in str(e.value) and "truncated" in str(e.value)
 
 
 def test_corrupt_image_in_maps_keeps_the_other_maps(fast_cfg, toy_root):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "maps.splits": "[train, test]"}))
-    train_cls.run(ctx)
+    run_stage(ctx, "cls")
     bad = _first_id(toy_root, "test")
     (toy_root / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
     with pytest.raises(DataError) as e:
-        maps_stage.run(ctx)
+        run_stage(ctx, "maps")
     assert f"{bad}.jpg" in str(e.value)
     test_ids = (toy_root / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
     saved = sorted(p.stem for p in (ctx.run_dir / "maps" / "test").glob("*.npz"))
@@ -45,7 +44,7 @@ def test_corrupt_image_in_maps_keeps_the_other_maps(fast_cfg, toy_root):
     # fixing the file and rerunning computes only the missing map
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(toy_root / "JPEGImages" / f"{bad}.jpg")
     before = {p: p.stat().st_mtime_ns for p in (ctx.run_dir / "maps" / "test").glob("*.npz")}
-    stage = maps_stage.run(ctx)
+    stage = run_stage(ctx, "maps")
     assert stage.complete and stage.info()["splits"]["test"]["computed"] == 1
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
@@ -76,7 +75,7 @@ def test_empty_label_set_skipped_with_warning(fast_cfg, toy_root, caplog):
     m.save(toy_root / "SegmentationClass" / f"{i}.png")
     ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
     with caplog.at_level(logging.WARNING):
-        stage = train_cls.run(ctx)
+        stage = run_stage(ctx, "cls")
     assert stage.info()["skipped_empty_labels"] == 1
     assert any("empty label set" in r.message and i in r.message for r in caplog.records)
 

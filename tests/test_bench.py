@@ -70,9 +70,9 @@ def test_one_row_per_method_with_every_column_and_runs_made_as_ordinary_runs(ben
             d = bench.run_dir(method, seed)
             cfg = yaml.safe_load((d / "config.yaml").read_text())
             assert cfg["method"]["name"] == method and cfg["seed"] == seed
-            assert cfg["seg"]["enabled"] is False and cfg["crf"]["enabled"] is True
+            assert cfg["seg"]["enabled"] is False and cfg["pseudo"]["refiners"] == ["crf"]
             assert not (d / "seg").exists()
-            assert "crf_seconds" in json.loads((d / "pseudo" / "stage.json").read_text())  # CRF masks
+            assert json.loads((d / "pseudo" / "stage.json").read_text())["refiners"] == ["crf"]  # CRF masks
     cam = res["rows"][0]
     assert cam["epoch_ratio_to_cam"] == pytest.approx(1.0)
     # written files: the JSON is the returned result, the Markdown has a line per method
@@ -249,7 +249,7 @@ def test_planned_runs_differ_only_in_method_seed_and_the_methods_own_overrides(t
     assert [(r.name, r.seed) for r in plan] == [("p-cam-s0", 0), ("p-cam-s5", 5)]
     c = load_config(cfg, list(plan[1].overrides))
     assert (c.name, c.seed, c.method.name, c.method.options) == ("p-cam-s5", 5, "cam", {})  # file options dropped
-    assert (c.train.epochs, c.train.lr, c.seg.enabled, c.crf.enabled, c.train.progress) == (2, 0.5, False, True, False)
+    assert (c.train.epochs, c.train.lr, c.seg.enabled, c.pseudo.refiners, c.train.progress) == (2, 0.5, False, ["crf"], False)
 
 
 def test_mean_std_summary_and_ratio_on_constructed_records():

@@ -23,8 +23,8 @@ from wsss.errors import DataError
 from wsss.localize import load_maps
 from wsss.report import render_report, write_report
 from wsss.report.html import MAX_SIDE, ImageGroup, ImageRow, Tile, jet, overlay
-from wsss.stages import evaluate
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 from conftest import fast_overrides, make_voc_dataset
 
@@ -69,7 +69,7 @@ def _build_run(base: Path, background: bool, **extra) -> Path:
     root = make_voc_dataset(base / "data", background=background)
     cfg = load_config(None, fast_overrides(root, base / "runs", **{"train.epochs": 1, **extra}))
     ctx = RunContext(cfg)
-    evaluate.run(ctx)
+    run_stage(ctx, "eval")
     return ctx.run_dir
 
 

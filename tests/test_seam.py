@@ -26,8 +26,8 @@ from wsss.methods.seam import (
     transformed_size,
 )
 from wsss.models.backbones import Backbone
-from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 
 def toy_backbone() -> Backbone:
@@ -323,7 +323,7 @@ def test_background_follows_the_runs_dataset_unless_set(fast_cfg):
 def test_seam_trains_and_extracts_maps_through_the_stages(fast_cfg):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "method.name": "seam", "method.options.background": False,
                                  "method.options.flip": True}))
-    stage = maps_stage.run(ctx)
+    stage = run_stage(ctx, "maps")
     log = [json.loads(line) for line in (ctx.run_dir / "cls" / "log.jsonl").read_text().splitlines()]
     assert len(log) == 1 and {"cls", "er", "ecr"} <= set(log[0]) and math.isfinite(log[0]["loss"])
     files = sorted((stage.dir / "train").glob("*.npz"))

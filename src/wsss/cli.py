@@ -19,62 +19,58 @@ def _context(args):
     return RunContext(load_config(args.config, args.overrides))
 
 
-def cmd_train_cls(args):
-    from wsss.stages import train_cls
+def _run(args, target: str | None):
+    """Load the config (a bad value fails here, before the stages and torch are imported), then run ``target`` and
+    what it needs (everything when None)."""
+    ctx = _context(args)
+    from wsss.stages import pipeline
 
-    stage = train_cls.run(_context(args))
-    print(f"classifier: {stage.dir / 'model.pt'}")
+    return ctx, pipeline.run(ctx, target)
+
+
+def cmd_train_cls(args):
+    _, out = _run(args, "cls")
+    print(f"classifier: {out['cls'].dir / 'model.pt'}")
 
 
 def cmd_maps(args):
-    from wsss.stages import maps
-
-    stage = maps.run(_context(args))
-    print(f"maps: {stage.dir}")
-    print(json.dumps(stage.info().get("splits", {}), indent=1))
+    _, out = _run(args, "maps")
+    print(f"maps: {out['maps'].dir}")
+    print(json.dumps(out["maps"].info().get("splits", {}), indent=1))
 
 
 def cmd_pseudo(args):
-    from wsss.stages import pseudo
-
-    stage = pseudo.run(_context(args))
-    info = stage.info()
-    print(f"pseudo masks: {stage.dir / info['split']}  (background threshold: {info.get('bg_threshold')})")
+    _, out = _run(args, "pseudo")
+    info = out["pseudo"].info()
+    print(f"pseudo masks: {out['pseudo'].dir / info['split']}  (background threshold: {info.get('bg_threshold')})")
 
 
 def cmd_train_seg(args):
-    from wsss.stages import seg
-
-    stage = seg.train(_context(args))
-    print(f"segmentation network: {stage.dir / 'model.pt'}")
+    _, out = _run(args, "seg")
+    print(f"segmentation network: {out['seg'].dir / 'model.pt'}")
 
 
 def cmd_predict(args):
-    from wsss.stages import seg
-
-    stage = seg.predict(_context(args))
-    info = stage.info()
-    print(f"predictions: {stage.dir / info['split']}  ({info['images']} images)")
+    _, out = _run(args, "pred")
+    info = out["pred"].info()
+    print(f"predictions: {out['pred'].dir / info['split']}  ({info['images']} images)")
 
 
 def cmd_eval(args):
+    ctx, out = _run(args, "eval")
     from wsss.stages import evaluate
 
-    ctx = _context(args)
-    metrics = evaluate.run(ctx)
-    print("\n".join(evaluate.summary_lines(metrics)))
-    print(f"metrics: {ctx.run_dir / 'metrics.json'}")
+    print("\n".join(evaluate.summary_lines(out["eval"])))
+    print(f"metrics: {ctx.layout.metrics}")
 
 
 def cmd_run(args):
-    from wsss.stages import evaluate
-    from wsss.stages import run as run_stage
-
     t0 = time.perf_counter()
-    ctx = _context(args)
-    metrics = run_stage.run(ctx)
-    print("\n".join(evaluate.summary_lines(metrics)))
-    print(f"metrics: {ctx.run_dir / 'metrics.json'}   (wall time {time.perf_counter() - t0:.0f} s)")
+    ctx, out = _run(args, None)
+    from wsss.stages import evaluate
+
+    print("\n".join(evaluate.summary_lines(out["eval"])))
+    print(f"metrics: {ctx.layout.metrics}   (wall time {time.perf_counter() - t0:.0f} s)")
 
 
 def cmd_report(args):

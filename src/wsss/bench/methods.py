@@ -2,9 +2,9 @@
 
 Each (method, seed) is an ordinary run, ``<runs_dir>/<prefix>-<method>-s<seed>``, made by ``wsss run`` with the
 benchmark's config and overrides plus ``seg.enabled=false`` (the table compares classifiers, maps and pseudo masks)
-and ``crf.enabled=true`` (pseudo masks after the config's CRF). Only ``method.name``, ``method.options`` (emptied,
-then filled from the method's own entry of ``--method-overrides``) and ``seed`` differ between the runs, so every
-method gets the same backbone, epochs, batch, crop and map settings. The numbers are read back from each run's
+and ``pseudo.refiners=[crf]`` (pseudo masks after the config's CRF). Only ``method.name``, ``method.options``
+(emptied, then filled from the method's own entry of ``--method-overrides``) and ``seed`` differ between the runs,
+so every method gets the same backbone, epochs, batch, crop and map settings. The numbers are read back from each run's
 ``metrics.json`` (written by :mod:`wsss.stages.evaluate`) and stage info files; this module computes nothing but
 their mean and spread.
 
@@ -55,7 +55,7 @@ from wsss.errors import ConfigError, WsssError
 from wsss.runs import atomic_write_json, atomic_write_text
 
 #: settings the benchmark sets for every run; a per-method override may not change them
-FORCED_KEYS = ("name", "seed", "method.name", "seg.enabled", "crf.enabled")
+FORCED_KEYS = ("name", "seed", "method.name", "seg.enabled", "pseudo.refiners")
 #: the method whose time per epoch the others are divided by
 BASELINE = "cam"
 #: files a method may write into its run directory with per-round information (adversarial erasing), copied into
@@ -167,7 +167,7 @@ def plan_runs(methods: Sequence[str], seeds: Sequence[int], prefix: str, overrid
             name = f"{prefix}-{method}-s{seed}"
             ov = ("train.progress=false", *overrides, f"method.name={method}", "method.options={}",
                   *method_overrides.get(method, ()), f"name={name}", f"seed={seed}", "seg.enabled=false",
-                  "crf.enabled=true")
+                  "pseudo.refiners=[crf]")
             plan.append(PlannedRun(method, seed, name, ov))
     return plan
 
@@ -284,7 +284,7 @@ def run_values(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "train_seconds": train_s,
         "mining_seconds": mining_s,
         "maps_seconds": maps_s,
-        "crf_seconds": _get(_read_json(run_dir / "pseudo" / "stage.json"), "crf_seconds"),
+        "crf_seconds": _get(_read_json(run_dir / "pseudo" / "stage.json"), "seconds"),
         "epochs": len(epochs),
         "classifiers": len(histories),
     }

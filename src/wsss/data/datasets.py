@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from wsss.data.io import load_image
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import TrainTransform, to_tensor
-from wsss.errors import DataError
-from wsss.runs import atomic_path
 
 log = logging.getLogger("wsss.data")
 
@@ -41,65 +37,24 @@ def drop_unlabelled(samples: list[Sample], what: str) -> tuple[list[Sample], lis
     return kept, skipped
 
 
-def save_erase_mask(path: Path, mask: np.ndarray) -> None:
-    """A bilevel PNG (1 = erased), written atomically."""
-    with atomic_path(Path(path), suffix=".png") as tmp:
-        Image.fromarray(np.asarray(mask, bool)).save(tmp, format="PNG")
+class ImageFilter(Protocol):
+    """A change of the input images that a recipe makes before any augmentation (e.g. hiding regions found by an
+    earlier round): ``(uint8 RGB (H, W, 3), sample id) -> uint8 RGB of the same size``. Picklable, for loader
+    workers."""
 
-
-def load_erase_mask(path: Path, hw: tuple[int, int] | None = None) -> np.ndarray:
-    """(H, W) bool erase mask; ``hw`` is checked against the image it is applied to."""
-    try:
-        with Image.open(path) as img:
-            mask = np.asarray(img.convert("L")) > 0
-    except FileNotFoundError:
-        raise DataError(f"erase mask {path} does not exist (its round's erase step did not finish; rerun)") from None
-    except OSError as e:
-        raise DataError(f"{path}: damaged erase mask ({e}); delete it and rerun") from None
-    if hw is not None and mask.shape != tuple(hw):
-        raise DataError(f"{path}: erase mask is {mask.shape[0]}x{mask.shape[1]}, its image {hw[0]}x{hw[1]}")
-    return mask
-
-
-def mean_colour(samples: Sequence[Sample]) -> tuple[int, int, int]:
-    """Mean RGB over all pixels of the images (each image weighted by its pixel count), rounded to uint8."""
-    total = np.zeros(3, np.float64)
-    pixels = 0
-    for s in samples:
-        rgb = load_image(s.image)
-        total += rgb.reshape(-1, 3).sum(0, dtype=np.float64)
-        pixels += rgb.shape[0] * rgb.shape[1]
-    if not pixels:
-        raise DataError("mean colour of an empty image list")
-    r, g, b = np.clip(np.rint(total / pixels), 0, 255).astype(int).tolist()
-    return r, g, b
-
-
-@dataclass
-class ErasedInputs:
-    """Per-image erase masks ``masks_dir/<id>.png`` whose pixels are filled with ``fill`` (RGB) in the original image,
-    before any augmentation (Adversarial Erasing, :mod:`wsss.methods.adv_erase`)."""
-
-    masks_dir: Path
-    fill: tuple[int, int, int]
-
-    def apply(self, rgb: np.ndarray, sample_id: str) -> np.ndarray:
-        mask = load_erase_mask(Path(self.masks_dir) / f"{sample_id}.png", rgb.shape[:2])
-        out = rgb.copy()
-        out[mask] = np.asarray(self.fill, np.uint8)
-        return out
+    def __call__(self, rgb: np.ndarray, sample_id: str) -> np.ndarray: ...
 
 
 class ClassificationDataset(Dataset):
     """Items are ``(index, seed)`` pairs from :class:`SeededSampler`; returns image, multi-hot labels, index.
-    With ``erase``, each image is erased by its mask before the transform."""
+    With ``image_filter``, each image is filtered before the transform."""
 
     def __init__(self, samples: list[Sample], spec: DatasetSpec, transform: TrainTransform,
-                 erase: ErasedInputs | None = None):
+                 image_filter: ImageFilter | None = None):
         self.samples = samples
         self.spec = spec
         self.transform = transform
-        self.erase = erase
+        self.image_filter = image_filter
         self.targets = [label_vector(s.labels or (), spec) for s in samples]
 
     def __len__(self) -> int:
@@ -109,8 +64,8 @@ class ClassificationDataset(Dataset):
         index, seed = item
         s = self.samples[index]
         rgb = load_image(s.image)
-        if self.erase is not None:
-            rgb = self.erase.apply(rgb, s.id)
+        if self.image_filter is not None:
+            rgb = self.image_filter(rgb, s.id)
         img, _ = self.transform(rgb, None, seed)
         return {"image": img, "labels": self.targets[index], "index": index}
 
@@ -143,12 +98,12 @@ class SeededSampler(Sampler):
 
 
 class InferenceDataset(Dataset):
-    """Whole images (no augmentation) for map extraction and prediction; with ``erase``, erased first."""
+    """Whole images (no augmentation) for map extraction and prediction; with ``image_filter``, filtered first."""
 
-    def __init__(self, samples: list[Sample], spec: DatasetSpec, erase: ErasedInputs | None = None):
+    def __init__(self, samples: list[Sample], spec: DatasetSpec, image_filter: ImageFilter | None = None):
         self.samples = samples
         self.spec = spec
-        self.erase = erase
+        self.image_filter = image_filter
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -156,8 +111,8 @@ class InferenceDataset(Dataset):
     def __getitem__(self, index: int):
         s = self.samples[index]
         rgb = load_image(s.image)
-        if self.erase is not None:
-            rgb = self.erase.apply(rgb, s.id)
+        if self.image_filter is not None:
+            rgb = self.image_filter(rgb, s.id)
         return {
             "image": to_tensor(rgb),
             "labels": label_vector(s.labels or (), self.spec),

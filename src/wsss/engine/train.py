@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import math
+import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from lightning_fabric import Fabric
 from torch.utils.data import DataLoader
@@ -135,14 +139,57 @@ def fit_classifier(cfg: Config, samples: list[Sample], spec: DatasetSpec, out_di
 def fit(task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) ``task``; writes ``out_dir/last.ckpt`` every epoch and ``out_dir/model.pt`` at the end."""
     fabric = make_fabric(task.cfg)
+    if task.cfg.train.devices > 1 and not _under_torchrun():
+        with _logging_of_spawned_processes() as logs:
+            return fabric.launch(_fit, task, Path(out_dir), after_epoch, logs)
     return fabric.launch(_fit, task, Path(out_dir), after_epoch)
+
+
+class _HandleHere(logging.Handler):
+    """Hands a record to this process's logger of the same name, as if it had been logged here."""
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+        return True
+
+
+@contextmanager
+def _logging_of_spawned_processes() -> Iterator[tuple[multiprocessing.Queue, int]]:
+    """Processes started by ``ddp_spawn`` import wsss afresh and have no logging handlers, so their records would be
+    dropped: they send them here instead (see :func:`_send_logs_to`), where this process's handlers (the CLI's
+    stderr, a test's caplog) take them."""
+    queue = multiprocessing.get_context("spawn").Queue()
+    listener = logging.handlers.QueueListener(queue, _HandleHere())
+    listener.start()
+    try:
+        yield queue, logging.getLogger("wsss").getEffectiveLevel()
+    finally:
+        listener.stop()
+
+
+def _send_logs_to(logs: tuple[multiprocessing.Queue, int]) -> None:
+    queue, level = logs
+    root = logging.getLogger()
+    root.handlers[:] = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(level)
+
+
+def _epoch_seed(seed: int, epoch: int, rank: int, purpose: str) -> int:
+    """A seed that depends only on its arguments (never on what ran before in the process)."""
+    words = [seed % 2**64, epoch, rank, *purpose.encode()]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _poly(it: int, total: int, power: float) -> float:
     return (1 - it / max(total, 1)) ** power if power > 0 else 1.0
 
 
-def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None) -> dict:
+def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None,
+         logs: tuple[multiprocessing.Queue, int] | None = None) -> dict:
+    if logs is not None:
+        _send_logs_to(logs)
     cfg, t, st = task.cfg, task.cfg.train, task.settings
     world, rank = fabric.world_size, fabric.global_rank
     if fabric.device.type == "cpu":
@@ -169,9 +216,12 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
     dataset = task.dataset()
     sampler = SeededSampler(len(dataset), cfg.seed, rank, world)
     per_process = max(1, st.batch_size // world)
+    # Not fabric.setup_dataloaders: its wrapper calls sampler.set_epoch(<how often it was iterated>) on every
+    # iteration, which restarts at 0 in a resumed process and replayed epoch 1's batches in epoch 2. Workers are not
+    # persistent so that each epoch's workers are seeded from `worker_seeds`, a function of (seed, epoch, rank).
+    worker_seeds = torch.Generator()
     loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=cfg.data.workers,
-                        persistent_workers=cfg.data.workers > 0, drop_last=len(sampler) >= per_process)
-    loader = fabric.setup_dataloaders(loader, use_distributed_sampler=False)
+                        generator=worker_seeds, drop_last=len(sampler) >= per_process)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * st.epochs
     generator = torch.Generator()
@@ -179,12 +229,16 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
     for epoch in range(start_epoch, st.epochs):
         sampler.set_epoch(epoch)
         generator.manual_seed(cfg.seed * 7919 + epoch)
+        worker_seeds.manual_seed(_epoch_seed(cfg.seed, epoch, rank, "loader workers"))
+        # dropout and anything else on the global RNG: a resumed epoch must draw what the uninterrupted one drew
+        torch.manual_seed(_epoch_seed(cfg.seed, epoch, rank, "global"))
         model.train()
         t0 = time.perf_counter()
         loss_sum, seen, parts_sum = torch.zeros(()), 0, {}
         bar = tqdm(loader, desc=f"train {task.name} epoch {epoch + 1}/{st.epochs}", leave=False,
                    disable=not t.progress or rank != 0, mininterval=1.0)
         for step, batch in enumerate(bar):
+            batch = fabric.to_device(batch)
             it = epoch * steps_per_epoch + step
             for g in optimizer.param_groups:
                 g["lr"] = g["base_lr"] * _poly(it, total, st.poly_power)
@@ -206,12 +260,16 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v * n
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-        stats = fabric.all_reduce(torch.tensor([float(loss_sum), float(seen)]), reduce_op="sum")
+        # every process's images count in the epoch's means; a task logs the same parts on every process
+        names = sorted(parts_sum)
+        stats = fabric.all_reduce(torch.tensor([float(loss_sum), float(seen), *(parts_sum[k] for k in names)],
+                                               dtype=torch.float64, device=fabric.device), reduce_op="sum").cpu()
+        images = max(float(stats[1]), 1.0)
         elapsed = time.perf_counter() - t0
         record = {
             "epoch": epoch + 1,
-            "loss": float(stats[0] / max(stats[1], 1)),
-            **{k: v / max(seen, 1) for k, v in parts_sum.items()},
+            "loss": float(stats[0]) / images,
+            **{k: float(v) / images for k, v in zip(names, stats[2:])},
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(elapsed, 2),
             "images_per_s": round(float(stats[1]) / elapsed, 2),

@@ -7,7 +7,6 @@ split, the written pseudo masks themselves. Each split is one confusion matrix; 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -16,10 +15,10 @@ from PIL import Image
 
 from wsss.data.datasets import label_vector
 from wsss.evaluation import ThresholdSweep, average_precision, confusion_matrix, segmentation_scores
+from wsss.layout import MAPS, PRED, PSEUDO, SEG
 from wsss.pseudo import pseudo_mask
-from wsss.runs import atomic_write_json
+from wsss.runs import Stage, atomic_write_json
 from wsss.stages import maps as maps_stage
-from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
 
 log = logging.getLogger("wsss.stages")
@@ -67,26 +66,28 @@ def score_mask_folder(ctx: RunContext, folder, split: str) -> dict:
     return segmentation_scores(conf, ctx.spec.classes)
 
 
-def _score_predictions(ctx: RunContext) -> dict:
+def _score_predictions(ctx: RunContext, pred: Stage, seg: Stage) -> dict:
     """The segmentation network alone on ``seg.predict_split`` (never trained on)."""
-    from wsss.stages import seg as seg_stage
-
-    pred = seg_stage.predict(ctx)
-    split = pred.info()["split"]
-    seg_info = (ctx.run_dir / "seg" / "stage.json")
+    info = pred.info()
+    split = info["split"]
     return {"split": split, "masks": ctx.cfg.seg.masks, "backbone": f"DeepLabV3/{ctx.cfg.seg.backbone}",
             **score_mask_folder(ctx, pred.dir / split, split),
-            "predict_images_per_s": pred.info().get("images_per_s"),
-            "train_seconds": json.loads(seg_info.read_text()).get("train_seconds") if seg_info.exists() else None}
+            "predict_images_per_s": info.get("images_per_s"), "train_seconds": seg.info().get("train_seconds")}
 
 
-def run(ctx: RunContext) -> dict:
+def inputs(cfg) -> tuple[str, ...]:
+    return (MAPS, PSEUDO, SEG, PRED) if cfg.seg.enabled else (MAPS, PSEUDO)
+
+
+def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
+    """``inputs``: every stage of the run so far (an uncached stage gets them all), whose records (keys, timings)
+    go into metrics.json beside the scores."""
     t0 = time.perf_counter()
-    pseudo = pseudo_stage.run(ctx)
-    maps = maps_stage.run(ctx)
+    pseudo, maps = inputs[PSEUDO], inputs[MAPS]
     info = pseudo.info()
     bg = info.get("bg_threshold")
     cfg = ctx.cfg
+    records = {n: s.info() for n, s in inputs.items() if isinstance(s, Stage)}
     metrics: dict = {
         "run": cfg.name,
         "dataset": ctx.spec.name,
@@ -99,7 +100,7 @@ def run(ctx: RunContext) -> dict:
                                                "saliency_threshold", "saliency_chosen_on",
                                                "saliency_miou_on_selection_split")
                       if info.get(k) is not None},
-        "stage_keys": {"cls": ctx.cls_key(), "maps": ctx.maps_key(), "pseudo": ctx.pseudo_key()},
+        "stage_keys": {n: r.get("key") for n, r in records.items()},
         "splits": {},
     }
     for role in cfg.maps.splits:
@@ -113,15 +114,16 @@ def run(ctx: RunContext) -> dict:
         "maps": maps.info().get("splits"),
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
-    if cfg.seg.enabled:
-        metrics["seg"] = _score_predictions(ctx)
-    summary = ctx.run_dir / "cls" / "summary.json"
-    if summary.exists():
-        epochs = json.loads(summary.read_text())["history"]
-        train_s = sum(r["seconds"] for r in epochs)
+    if SEG in inputs:
+        metrics["seg"] = _score_predictions(ctx, inputs[PRED], inputs[SEG])
+    classifiers = [r for r in records.values() if r.get("role") == "classifier"]
+    if classifiers:
+        train_s = sum(r.get("train_seconds") or 0.0 for r in classifiers)
+        epochs = sum(r.get("epochs") or 0 for r in classifiers)
         metrics["timing"]["train_seconds"] = round(train_s, 1)
-        metrics["timing"]["train_seconds_per_epoch"] = round(train_s / max(len(epochs), 1), 2)
-    atomic_write_json(ctx.run_dir / "metrics.json", metrics)
+        metrics["timing"]["train_seconds_per_epoch"] = round(train_s / max(epochs, 1), 2)
+    metrics["stages"] = {n: {k: v for k, v in r.items() if k != "entries"} for n, r in records.items()}
+    atomic_write_json(ctx.layout.metrics, metrics)
     return metrics
 
 

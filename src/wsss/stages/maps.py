@@ -1,14 +1,11 @@
 """Stage 2: localization maps of every image of the configured splits -> ``maps/<split>/<id>.npz``.
 
 Images are batched by size (whole images, no padding, so maps are not distorted), loaded by worker processes, and
-localized for all their positive classes in one pass per view. Files already written under the same stage key are
-kept, so a killed extraction resumes where it stopped. An unreadable image is reported with its file name after the
-other images are done; the stage is then left incomplete.
-
-Adversarial Erasing (``method.name=adv_erase``) has one classifier per round: each split goes through the rounds'
-chain (round 1 maps the original image, round k the image erased where rounds < k found its classes; per-round files
-under ``maps/rounds/<split>/r<k>/``), and ``maps/<split>/`` holds the per-class max of the rounds' maps. The training
-split with image-level labels reuses the maps the classifier stage mined on exactly those inputs.
+localized for all their positive classes in one pass per view, on the accelerator when there is one. Files already
+written under the same stage key are kept, so a killed extraction resumes where it stopped; a kept file that does not
+load (damaged outside a normal kill) is recomputed, with a warning naming it. An unreadable image is reported with its
+file name after the other images are done; the stage is then left incomplete. ``check`` decodes every image of the
+splits and builds the localizer before the classifier trains.
 """
 
 from __future__ import annotations
@@ -18,22 +15,21 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.data.datasets import ErasedInputs, InferenceDataset, batches_by_size, stack
+from wsss.data.datasets import ImageFilter, InferenceDataset, batches_by_size, stack
 from wsss.data.io import image_size
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import model_meta
 from wsss.errors import DataError
+from wsss.layout import CLS
 from wsss.localize import build_localizer, load_maps, multiscale_maps, save_maps
 from wsss.methods import build_method
-from wsss.methods.adv_erase import check_maps_config, union_maps
 from wsss.runs import Stage
-from wsss.stages import train_cls
 from wsss.stages.context import RunContext
+from wsss.stages.train_cls import check_images
 
 log = logging.getLogger("wsss.stages")
 
@@ -59,11 +55,9 @@ def _collate(items):
     return {"batch": stack(good) if good else None, "errors": [it["error"] for it in items if "error" in it]}
 
 
-def load_classifier(ctx: RunContext, checkpoint=None):
-    """The trained classifier (``checkpoint``: a ``model.pt``; default: train it if needed and load the stage's)."""
+def load_classifier(ctx: RunContext, checkpoint):
+    """The trained classifier of ``checkpoint`` (a ``model.pt``)."""
     cfg = ctx.cfg
-    if checkpoint is None:
-        checkpoint = train_cls.run(ctx).dir / "model.pt"
     state = load_checkpoint(checkpoint, model_meta(cfg, ctx.spec))
     method = build_method(cfg.method.name, cfg.method.options, has_background=ctx.spec.background is not None)
     model = method.build_model(_no_download(cfg.model), ctx.spec.num_fg)
@@ -71,7 +65,7 @@ def load_classifier(ctx: RunContext, checkpoint=None):
     return model.eval()
 
 
-def inference_model(ctx: RunContext, checkpoint=None):
+def inference_model(ctx: RunContext, checkpoint):
     """:func:`load_classifier` on the inference device, in the training memory format."""
     model = load_classifier(ctx, checkpoint).to(inference_device(ctx.cfg))
     if ctx.cfg.train.channels_last:
@@ -85,8 +79,6 @@ def inference_device(cfg) -> torch.device:
 
 
 def _no_download(model_cfg):
-    import dataclasses
-
     # the checkpoint holds every weight: don't fetch ImageNet weights just to overwrite them
     return dataclasses.replace(model_cfg, pretrained=False, weights_file=None)
 
@@ -119,19 +111,34 @@ def extract_split(ctx: RunContext, model, split_role: str, stage: Stage) -> dict
     return extract(ctx, model, ctx.reader.samples(split), stage.dir / split, ctx.cfg.maps.labels, what=f"split '{split}'")
 
 
-def extract(ctx: RunContext, model, samples, out_dir, labels: str, erase: ErasedInputs | None = None,
+def usable_map_file(path: Path) -> bool:
+    """Whether a map file kept from an earlier, interrupted extraction loads; a damaged one is deleted (it is
+    recomputed) with a warning naming it."""
+    if not path.exists():
+        return False
+    try:
+        load_maps(path)
+        return True
+    except DataError as e:
+        log.warning("maps: %s; recomputing it", e)
+        path.unlink()
+        return False
+
+
+def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter: ImageFilter | None = None,
             what: str = "") -> dict:
-    """Maps of ``samples`` -> ``out_dir/<id>.npz`` (existing files are kept). ``labels``: gt or pred (which classes
-    get maps); ``erase``: erase masks applied to the images first (Adversarial Erasing)."""
+    """Maps of ``samples`` -> ``out_dir/<id>.npz`` (existing files that load are kept). ``labels``: gt or pred
+    (which classes get maps); ``image_filter``: applied to each image before the model sees it (a recipe's change of
+    the inputs)."""
     cfg = ctx.cfg
     m = cfg.maps
     out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, s in enumerate(samples) if not (out_dir / f"{s.id}.npz").exists()]
+    todo = [i for i, s in enumerate(samples) if not usable_map_file(out_dir / f"{s.id}.npz")]
     if not todo:
         return {"images": len(samples), "computed": 0}
     sizes = [_size_or_unique(samples[i].image, i) for i in todo]
     batches = [[todo[j] for j in b] for b in batches_by_size(sizes, m.batch_size)]
-    loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec, erase)), batch_sampler=batches,
+    loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
                         num_workers=cfg.data.workers, collate_fn=_collate)
     localizer = build_localizer(m.localizer, m.target_layer)
     fg_ids = torch.tensor(ctx.spec.fg_ids)
@@ -175,92 +182,24 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, erase: Erased
             "images_per_s": round(done / max(elapsed, 1e-9), 2)}
 
 
-def run(ctx: RunContext) -> Stage:
-    stage = Stage(ctx.run_dir, "maps", ctx.maps_key())
-    if stage.complete:
-        log.info("maps: reusing %s (config unchanged)", stage.dir)
-        return stage
-    if ctx.erasing is not None:
-        check_maps_config(ctx.cfg.maps)  # before the rounds, which take hours
-        rounds = train_cls.train_rounds(ctx)
-        resumed = stage.open()
-        info = {ctx.split_name(role): _union_split(ctx, rounds, role, stage) for role in ctx.cfg.maps.splits}
-        stage.finish(splits=info, resumed=resumed, rounds=len(rounds))
-        return stage
-    resumed = stage.open()
-    model = inference_model(ctx)
+def check(ctx: RunContext) -> None:
+    """Before the classifier trains: the localizer exists for these settings and every image of the splits decodes."""
+    m = ctx.cfg.maps
+    build_localizer(m.localizer, m.target_layer)
+    for role in m.splits:
+        split = ctx.split_name(role)
+        if split != ctx.split_name("train"):  # the classifier's check decodes the training images
+            check_images(ctx.reader.samples(split), f"split '{split}'")
+
+
+def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
+    model = inference_model(ctx, inputs[CLS].dir / "model.pt")
     info = {}
     for role in ctx.cfg.maps.splits:
-        info[ctx.split_name(role)] = extract_split(ctx, model, role, stage)
-        log.info("maps: %s %s", ctx.split_name(role), info[ctx.split_name(role)])
-    stage.finish(splits=info, resumed=resumed)
-    return stage
-
-
-def _with_classes_of(samples, maps_dir):
-    """``samples`` whose labels are the classes of their maps in ``maps_dir`` (round 1's choice of classes)."""
-    out = []
-    for s in samples:
-        with np.load(maps_dir / f"{s.id}.npz", allow_pickle=False) as z:
-            out.append(dataclasses.replace(s, labels=tuple(int(c) for c in z["classes"])))
-    return out
-
-
-def erase_chain(ctx: RunContext, samples, models, out_dir, labels: str, fill) -> list[Path]:
-    """Adversarial Erasing's rounds on images no classifier trained on: round 1 maps the images, round k the images
-    erased where the maps of rounds < k exceed the erase threshold. ``models``: one checkpoint per round. Returns the
-    per-round map folders ``out_dir/r<k>/maps``."""
-    dirs: list[Path] = []
-    for k, checkpoint in enumerate(models, 1):
-        rd = out_dir / f"r{k}"
-        erase = None
-        if k > 1:
-            train_cls.write_erase_masks(samples, dirs[-1], out_dir / f"r{k - 1}" / "erase" if k > 2 else None,
-                                        rd / "erase", ctx.erasing.erase_threshold)
-            erase = ErasedInputs(rd / "erase", fill)
-        todo = [s for s in samples if not (rd / "maps" / f"{s.id}.npz").exists()]
-        if todo:
-            round_samples = todo if k == 1 or labels == "gt" else _with_classes_of(todo, dirs[0])
-            model = inference_model(ctx, checkpoint)
-            extract(ctx, model, round_samples, rd / "maps", labels if k == 1 else "gt", erase, what=f"round {k}")
-            del model
-        dirs.append(rd / "maps")
-    return dirs
-
-
-def write_union(samples, round_dirs, out_dir) -> int:
-    """``out_dir/<id>.npz`` = per-class max of the rounds' maps; scores are round 1's (the unerased image)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n = 0
-    for s in samples:
-        out = out_dir / f"{s.id}.npz"
-        if out.exists():
-            continue
-        parts = [load_maps(d / f"{s.id}.npz") for d in round_dirs]
-        maps, classes = union_maps([(p["maps"], p["classes"]) for p in parts])
-        save_maps(out, maps, classes, parts[0]["scores"])
-        n += 1
-    return n
-
-
-def _union_split(ctx: RunContext, rounds, role: str, stage: Stage) -> dict:
-    cfg = ctx.cfg
-    split = ctx.split_name(role)
-    samples = ctx.reader.samples(split)
-    t0 = time.perf_counter()
-    reuse = split == ctx.split_name("train") and cfg.maps.labels == "gt"
-    if reuse:
-        round_dirs = [mined.dir for _, mined in rounds]
-    else:
-        fill = train_cls.fill_colour(rounds)
-        round_dirs = erase_chain(ctx, samples, [r.dir / "model.pt" for r, _ in rounds], stage.dir / "rounds" / split,
-                                 cfg.maps.labels, fill)
-    computed = write_union(samples, round_dirs, stage.dir / split)
-    elapsed = time.perf_counter() - t0
-    info = {"images": len(samples), "computed": computed, "rounds": len(rounds), "reused_mined_maps": reuse,
-            "seconds": round(elapsed, 2)}
-    log.info("maps: %s %s", split, info)
-    return info
+        split = ctx.split_name(role)
+        info[split] = extract_split(ctx, model, role, stage)
+        log.info("maps: %s %s", split, info[split])
+    return {"splits": info}
 
 
 def iter_maps(stage: Stage, ctx: RunContext, split: str):
@@ -269,4 +208,4 @@ def iter_maps(stage: Stage, ctx: RunContext, split: str):
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 
-__all__ = ["erase_chain", "extract", "inference_model", "iter_maps", "load_classifier", "run", "write_union"]
+__all__ = ["check", "compute", "extract", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]

@@ -15,25 +15,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.config import config_hash
-from wsss.data.datasets import SegmentationDataset
-from wsss.data.io import load_image, load_mask, save_mask_png
+from wsss.config.load import to_dict
+from wsss.config.schema import ModelConfig
+from wsss.data.datasets import InferenceDataset, SegmentationDataset, batches_by_size, stack
+from wsss.data.io import image_size, load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
-from wsss.data.transforms import TrainTransform, to_tensor
+from wsss.data.transforms import TrainTransform
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import LoopSettings, TrainTask, fit
 from wsss.errors import ConfigError, DataError
+from wsss.layout import MAPS, PSEUDO, SEG
 from wsss.localize import load_maps
+from wsss.models.backbones import check_weights
 from wsss.pseudo import pseudo_mask
 from wsss.refine import check_crf_config, dense_crf
 from wsss.runs import Stage
 from wsss.seg.model import DeepLabV3, predict_probs, seg_meta
 from wsss.seg.sec import SecLosses
 from wsss.stages import maps as maps_stage
-from wsss.stages import pseudo as pseudo_stage
-from wsss.stages.context import RunContext, without
+from wsss.stages.context import RunContext
+from wsss.stages.train_cls import check_images
 
 log = logging.getLogger("wsss.stages")
 
@@ -79,6 +83,13 @@ class SeedCues:
         return pseudo_mask(m["maps"], m["classes"], self.spec, self.seed_threshold, self.bg_cue_threshold)
 
 
+def without(section, *names: str) -> dict:
+    d = to_dict(section)
+    for n in names:
+        d.pop(n, None)
+    return d
+
+
 def present_classes(samples: list[Sample], spec) -> torch.Tensor:
     """(N, C) bool over mask classes: the image-level labels, plus the background class where there is one."""
     present = torch.zeros(len(samples), spec.num_classes, dtype=torch.bool)
@@ -121,21 +132,82 @@ class SegTask(TrainTask):
         return loss, {"ce": float(loss.detach())}
 
 
-def seg_key(ctx: RunContext) -> str:
-    c = ctx.cfg
-    if c.seg.loss == "sec":
-        crf = without(c.crf, "workers", "enabled") if c.seg.sec.constrain else None
-        source = config_hash(ctx.maps_key(), ctx.split_name(c.pseudo.split), crf)
-    elif c.seg.masks == "pseudo":
-        source = ctx.pseudo_key()
+def train_inputs(cfg) -> tuple[str, ...]:
+    """What the segmentation network trains on: SEC's cues come from the maps, CE from the pseudo masks (or the
+    ground truth: the fully supervised upper bound reads no stage)."""
+    if cfg.seg.loss == "sec":
+        return (MAPS,)
+    return (PSEUDO,) if cfg.seg.masks == "pseudo" else ()
+
+
+def train_settings(cfg) -> dict:
+    """What changes the trained network besides its inputs: the seg section (minus inference settings), the training
+    engine's numerics and, per source of masks, what picks them."""
+    seg = without(cfg.seg, "scales", "flip", "predict_split", "crf_postprocess")
+    if cfg.seg.loss != "sec":
+        seg.pop("sec")  # SEC settings cannot change a cross-entropy training
+    engine = {k: getattr(cfg.train, k) for k in ("precision", "channels_last", "devices", "momentum", "weight_decay",
+                                                  "poly_power")}
+    source: dict = {"split": cfg.pseudo.split, "train_split": cfg.data.train_split}
+    if cfg.seg.loss == "sec" and cfg.seg.sec.constrain:
+        source["crf"] = without(cfg.crf, "workers")
+    if cfg.seg.masks == "gt" and cfg.seg.loss != "sec":
+        source["data"] = without(cfg.data, "workers", "val_split", "test_split")
+    return {"seg": seg, "engine": engine, "source": source, "seed": cfg.seed}
+
+
+def predict_settings(cfg) -> dict:
+    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    out = {"scales": cfg.seg.scales, "flip": cfg.seg.flip,
+           "split": split.get(cfg.seg.predict_split) or cfg.seg.predict_split}
+    if cfg.seg.crf_postprocess:
+        out["crf"] = without(cfg.crf, "workers")
+    return out
+
+
+def check_train(ctx: RunContext) -> None:
+    """Before anything runs: the training split has what the chosen loss needs."""
+    cfg = ctx.cfg
+    split = ctx.split_name(cfg.pseudo.split)
+    samples = ctx.reader.samples(split)
+    if cfg.seg.loss == "sec":
+        if cfg.seg.masks != "pseudo":
+            raise ConfigError("seg.loss=sec trains on localization cues from the maps; it needs seg.masks=pseudo")
+        if cfg.pseudo.split not in cfg.maps.splits and split not in cfg.maps.splits:
+            raise ConfigError(f"seg.loss=sec reads the maps of '{split}'; add '{cfg.pseudo.split}' to maps.splits")
+        if cfg.seg.sec.constrain:
+            check_crf_config(cfg.crf)
+    elif cfg.seg.masks == "gt" and not any(s.mask is not None for s in samples):
+        raise DataError(f"seg.masks=gt: split '{split}' has no ground-truth masks")
+    check_weights(ModelConfig(backbone=cfg.seg.backbone, output_stride=cfg.seg.output_stride,
+                              pretrained=cfg.seg.pretrained), section="seg")
+
+
+def compute_train(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
+    cfg = ctx.cfg
+    split = ctx.split_name(cfg.pseudo.split)
+    samples = ctx.reader.samples(split)
+    if cfg.seg.loss == "sec":
+        folder = inputs[MAPS].dir / split
+        missing = [s.id for s in samples if not (folder / f"{s.id}.npz").exists()]
+        if missing:
+            raise DataError(f"{folder}: no maps for {len(missing)} training image(s): {', '.join(missing[:10])}; add "
+                            f"'{cfg.pseudo.split}' to maps.splits")
+        samples = [s for s in samples if s.labels]
+        masks = SeedCues(folder, ctx.spec, cfg.seg.sec.seed_threshold, cfg.seg.sec.bg_cue_threshold)
+    elif cfg.seg.masks == "pseudo":
+        pseudo = inputs[PSEUDO]
+        folder = pseudo.dir / pseudo.info()["split"]
+        check_pseudo_folder(folder, samples)
+        masks = PseudoMasks(folder, ctx.spec.num_classes, ctx.spec.ignore_index)
     else:
-        source = config_hash(without(c.data, "workers"), "gt")
-    engine = {k: getattr(c.train, k) for k in ("precision", "channels_last", "devices", "momentum", "weight_decay",
-                                                "poly_power")}
-    seg = without(c.seg, "scales", "flip", "predict_split", "crf_postprocess")
-    if c.seg.loss != "sec":
-        seg.pop("sec")  # SEC settings cannot change a cross-entropy training (keeps earlier runs' keys)
-    return config_hash(source, seg, engine, c.seed)
+        samples = [s for s in samples if s.mask is not None]
+        masks = GroundTruthMasks(ctx.reader)
+    log.info("seg: training DeepLabV3/%s on %d images with %s", cfg.seg.backbone, len(samples),
+             "SEC losses" if cfg.seg.loss == "sec" else f"{cfg.seg.masks} masks")
+    result = fit(SegTask(cfg, samples, ctx.spec, masks), stage.dir, ctx.after_epoch)
+    return {"role": "seg", "images": len(samples), "masks": cfg.seg.masks, "loss": cfg.seg.loss,
+            "epochs": len(result["history"]), "train_seconds": round(sum(r["seconds"] for r in result["history"]), 1)}
 
 
 def check_pseudo_folder(folder: Path, samples: list[Sample]) -> None:
@@ -152,46 +224,6 @@ def check_pseudo_folder(folder: Path, samples: list[Sample]) -> None:
                     ", ".join(extra[:10]))
 
 
-def train(ctx: RunContext, after_epoch=None) -> Stage:
-    cfg = ctx.cfg
-    stage = Stage(ctx.run_dir, "seg", seg_key(ctx))
-    if stage.complete:
-        log.info("seg: reusing %s (config unchanged)", stage.dir)
-        return stage
-    split = ctx.split_name(cfg.pseudo.split)
-    samples = ctx.reader.samples(split)
-    if cfg.seg.loss == "sec":
-        if cfg.seg.masks != "pseudo":
-            raise ConfigError("seg.loss=sec trains on localization cues from the maps; it needs seg.masks=pseudo")
-        if cfg.seg.sec.constrain:
-            check_crf_config(cfg.crf)
-        maps = maps_stage.run(ctx)
-        folder = maps.dir / split
-        missing = [s.id for s in samples if not (folder / f"{s.id}.npz").exists()]
-        if missing:
-            raise DataError(f"{folder}: no maps for {len(missing)} training image(s): {', '.join(missing[:10])}; add "
-                            f"'{cfg.pseudo.split}' to maps.splits")
-        samples = [s for s in samples if s.labels]
-        masks = SeedCues(folder, ctx.spec, cfg.seg.sec.seed_threshold, cfg.seg.sec.bg_cue_threshold)
-    elif cfg.seg.masks == "pseudo":
-        pseudo = pseudo_stage.run(ctx)
-        folder = pseudo.dir / pseudo.info()["split"]
-        check_pseudo_folder(folder, samples)
-        masks = PseudoMasks(folder, ctx.spec.num_classes, ctx.spec.ignore_index)
-    else:
-        samples = [s for s in samples if s.mask is not None]
-        if not samples:
-            raise DataError(f"seg.masks=gt: split '{split}' has no ground-truth masks")
-        masks = GroundTruthMasks(ctx.reader)
-    stage.open()
-    log.info("seg: training DeepLabV3/%s on %d images with %s", cfg.seg.backbone, len(samples),
-             "SEC losses" if cfg.seg.loss == "sec" else f"{cfg.seg.masks} masks")
-    result = fit(SegTask(cfg, samples, ctx.spec, masks), stage.dir, after_epoch)
-    stage.finish(images=len(samples), masks=cfg.seg.masks, loss=cfg.seg.loss,
-                 train_seconds=round(sum(r["seconds"] for r in result["history"]), 1))
-    return stage
-
-
 def load_segmenter(ctx: RunContext, stage: Stage) -> DeepLabV3:
     state = load_checkpoint(stage.dir / "model.pt", seg_meta(ctx.cfg.seg, ctx.spec.classes))
     model = DeepLabV3(ctx.cfg.seg, ctx.spec.num_classes, pretrained=False)
@@ -199,48 +231,68 @@ def load_segmenter(ctx: RunContext, stage: Stage) -> DeepLabV3:
     return model.eval()
 
 
-def predict(ctx: RunContext) -> Stage:
-    """Segment ``seg.predict_split`` with the network alone; image labels are never read."""
+def check_predict(ctx: RunContext) -> None:
     cfg = ctx.cfg
-    seg = train(ctx)
-    split = ctx.split_name(cfg.seg.predict_split)
-    crf = without(cfg.crf, "workers", "enabled") if cfg.seg.crf_postprocess else None
-    if crf is not None:
+    if cfg.seg.crf_postprocess:
         check_crf_config(cfg.crf)
-    stage = Stage(ctx.run_dir, "pred", config_hash(seg.key, cfg.seg.scales, cfg.seg.flip, split, *([crf] if crf else [])))
-    if stage.complete:
-        log.info("pred: reusing %s (config unchanged)", stage.dir)
-        return stage
-    stage.open()
-    model = load_segmenter(ctx, seg)
+    split = ctx.split_name(cfg.seg.predict_split)
+    check_images(ctx.reader.samples(split), f"split '{split}' (seg.predict_split)")
+
+
+def _inference_batches(samples, batch_size: int) -> list[list[int]]:
+    sizes = []
+    for i, s in enumerate(samples):
+        try:
+            sizes.append(image_size(s.image))
+        except DataError:
+            sizes.append((-1, i))
+    return batches_by_size(sizes, batch_size)
+
+
+def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
+    """Segment ``seg.predict_split`` with the network alone (image labels are never read): batches of equal-sized
+    images on the inference device, bf16 autocast where ``train.precision`` asks for it."""
+    cfg = ctx.cfg
+    split = ctx.split_name(cfg.seg.predict_split)
+    device = maps_stage.inference_device(cfg)
+    model = load_segmenter(ctx, inputs[SEG]).to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     out = stage.dir / split
     palette = ctx.spec.palette_bytes()
     samples = ctx.reader.samples(split)
+    todo = [i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
+    batches = [[todo[j] for j in b] for b in _inference_batches([samples[i] for i in todo], cfg.maps.batch_size)]
+    loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=cfg.data.workers,
+                        collate_fn=stack)
     t0 = time.perf_counter()
     done = downscaled = 0
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    for s in tqdm(samples, desc=f"predict {split}", leave=False, disable=not cfg.train.progress, mininterval=1.0):
-        if (out / f"{s.id}.png").exists():
-            continue
-        rgb = load_image(s.image)
-        x = to_tensor(rgb)[None]
-        h, w = rgb.shape[:2]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
+    bar = tqdm(total=len(todo), desc=f"predict {split}", leave=False, disable=not cfg.train.progress, mininterval=1.0)
+    for batch in loader:
+        x = batch["image"].to(device)
+        h, w = x.shape[-2:]
         if h * w > MAX_PREDICT_PIXELS:
             f = (MAX_PREDICT_PIXELS / (h * w)) ** 0.5
             x = F.interpolate(x, size=(int(h * f), int(w * f)), mode="bilinear", align_corners=False)
-            log.warning("predict: %s is %dx%d; predicted at %dx%d to fit memory, upscaled back", s.image, w, h,
-                        x.shape[-1], x.shape[-2])
-            downscaled += 1
-        with autocast:
+            log.warning("predict: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", len(x), w,
+                        h, x.shape[-1], x.shape[-2], ", ".join(batch["id"]))
+            downscaled += len(x)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast:
             probs = predict_probs(model, x, cfg.seg.scales, cfg.seg.flip)
         if probs.shape[-2:] != (h, w):
             probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs[0].float().numpy()
-        if cfg.seg.crf_postprocess:
-            probs = dense_crf(rgb, probs, cfg.crf)
-        save_mask_png(out / f"{s.id}.png", probs.argmax(0).astype(np.uint8), palette)
-        done += 1
+        probs = probs.float().cpu().numpy()
+        for b, sample_id in enumerate(batch["id"]):
+            p = probs[b]
+            if cfg.seg.crf_postprocess:
+                p = dense_crf(load_image(samples[batch["index"][b]].image), p, cfg.crf)
+            save_mask_png(out / f"{sample_id}.png", p.argmax(0).astype(np.uint8), palette)
+        done += len(batch["id"])
+        bar.update(len(batch["id"]))
+    bar.close()
     elapsed = time.perf_counter() - t0
-    stage.finish(split=split, images=len(samples), downscaled=downscaled, crf_postprocess=cfg.seg.crf_postprocess,
-                 images_per_s=round(done / max(elapsed, 1e-9), 2))
-    return stage
+    return {"split": split, "images": len(samples), "downscaled": downscaled, "crf_postprocess": cfg.seg.crf_postprocess,
+            "device": str(device), "images_per_s": round(done / max(elapsed, 1e-9), 2)}

@@ -1,0 +1,73 @@
+"""Where everything of a run lives: the one module that spells out the run directory's folder and file names.
+
+Every other module (stages, evaluation, report, benchmarks) asks a :class:`RunLayout` for paths::
+
+    <run>/config.yaml          the resolved config of the latest command (every default written out)
+    <run>/.lock                held while a command writes into the run (see wsss.runs.RunLock)
+    <run>/cls/                 classifier: model.pt, last.ckpt (resume), log.jsonl, summary.json
+    <run>/maps/<split>/        localization maps, one .npz per image
+    <run>/pseudo/<split>/      pseudo masks, palette PNG (255 = ignore)
+    <run>/seg/                 segmentation network
+    <run>/pred/<split>/        predictions of the segmentation network alone
+    <run>/metrics.json         every number the run measured
+    <run>/report/index.html    the HTML report
+
+A multi-round recipe adds stage folders of its own (e.g. ``cls_r2``); each stage folder holds ``stage.json``, its
+key and completion record (wsss.runs.Stage).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: the stage names of the standard pipeline (wsss.stages.pipeline declares their order); also their folder names
+CLS = "cls"
+MAPS = "maps"
+PSEUDO = "pseudo"
+SEG = "seg"
+PRED = "pred"
+EVAL = "eval"
+
+
+class RunLayout:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report" / "index.html"
+
+    def stage(self, name: str) -> Path:
+        """The folder of stage ``name``."""
+        return self.root / name
+
+    def stage_record(self, name: str) -> Path:
+        return self.stage(name) / "stage.json"
+
+    def split(self, stage: str, split: str) -> Path:
+        """Per-image outputs of a stage for one split (maps, pseudo masks, predictions)."""
+        return self.stage(stage) / split
+
+    def map_file(self, split: str, image_id: str) -> Path:
+        return self.split(MAPS, split) / f"{image_id}.npz"
+
+    def pseudo_mask(self, split: str, image_id: str) -> Path:
+        return self.split(PSEUDO, split) / f"{image_id}.png"
+
+    def prediction(self, split: str, image_id: str) -> Path:
+        return self.split(PRED, split) / f"{image_id}.png"
+
+
+__all__ = ["CLS", "EVAL", "MAPS", "PRED", "PSEUDO", "SEG", "RunLayout"]

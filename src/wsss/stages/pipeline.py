@@ -1,0 +1,167 @@
+"""The pipeline, declared in one place: which stages run, in which order, what each reads and what keys it.
+
+    cls     train the classifier of ``method.name``          (wsss.stages.train_cls)
+    maps    localization maps of the configured splits        (wsss.stages.maps)
+    pseudo  pseudo masks of the training split (refiners)     (wsss.stages.pseudo)
+    seg     segmentation network on the pseudo masks          (wsss.stages.seg)
+    pred    the segmentation network alone on a held-out split (wsss.stages.seg)
+    eval    every score -> metrics.json                        (wsss.stages.evaluate)
+
+A stage declares its inputs (earlier stages) and the config settings that change its output; its key is the hash of
+its name, its inputs' keys and those settings, so changing ``maps.scales`` recomputes maps and everything after
+them but reuses the classifier. Settings that cannot change a result (loader workers, progress bars, inference
+batch size, CRF worker processes) are in no key (:data:`NOT_IN_KEYS`).
+
+A multi-round recipe (:data:`RECIPES`, e.g. Adversarial Erasing) rewrites the declaration: it may replace a stage by
+several (one per round, each a cached, resumable stage with its own key) as long as the stage names that later
+stages read stay provided.
+
+:class:`Pipeline` runs a target and what it needs: every check of every stage that will compute runs first (a bad
+split, class name, localizer, backbone or weight file fails before anything is trained or deleted), then, holding
+the run directory's lock, each stage is reused when complete under its key or computed into its folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from wsss.config import config_hash, dump_config
+from wsss.data.readers import check_splits
+from wsss.layout import CLS, EVAL, MAPS, PRED, PSEUDO, SEG
+from wsss.runs import RunLock, Stage
+from wsss.stages import (
+    adv_erase,  # noqa: F401  (registers Adversarial Erasing's rounds in RECIPES)
+    evaluate,
+    maps,
+    pseudo,
+    seg,
+    train_cls,
+)
+from wsss.stages.context import RunContext
+from wsss.stages.declare import RECIPES, StageDecl
+
+log = logging.getLogger("wsss.pipeline")
+
+STAGES: tuple[StageDecl, ...] = (
+    StageDecl(CLS, train_cls.compute, (),
+              ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "seed"), train_cls.check),
+    StageDecl(MAPS, maps.compute, (CLS,), ("maps", "data.train_split", "data.val_split", "data.test_split"),
+              maps.check),
+    StageDecl(PSEUDO, pseudo.compute, (MAPS,), pseudo.key_settings, pseudo.check),
+    StageDecl(SEG, seg.compute_train, seg.train_inputs, seg.train_settings, seg.check_train,
+              enabled=lambda cfg: cfg.seg.enabled),
+    StageDecl(PRED, seg.compute_predict, (SEG,), seg.predict_settings, seg.check_predict,
+              enabled=lambda cfg: cfg.seg.enabled),
+    StageDecl(EVAL, evaluate.compute, evaluate.inputs, cached=False),
+)
+
+def used_splits(cfg) -> list[str]:
+    """Every split (role or name) a run of ``cfg`` reads."""
+    roles = ["train", *cfg.maps.splits, cfg.pseudo.split, cfg.eval.select_on]
+    if cfg.seg.enabled:
+        roles.append(cfg.seg.predict_split)
+    return list(dict.fromkeys(roles))
+
+
+class Pipeline:
+    """The declaration of one config (after its recipe), with every stage's key."""
+
+    def __init__(self, ctx: RunContext):
+        self.ctx = ctx
+        cfg = ctx.cfg
+        decls = list(STAGES)
+        if cfg.method.name in RECIPES:
+            decls = RECIPES.get(cfg.method.name)(decls, cfg)
+        self.decls = {d.name: d for d in decls if d.enabled(cfg)}
+        self._keys: dict[str, str] = {}
+
+    @property
+    def order(self) -> list[str]:
+        return list(self.decls)
+
+    def inputs(self, name: str) -> tuple[str, ...]:
+        return self.decls[name].input_names(self.ctx.cfg)
+
+    def key(self, name: str) -> str:
+        if name not in self._keys:
+            d = self.decls[name]
+            self._keys[name] = config_hash(name, [self.key(i) for i in self.inputs(name)], d.settings(self.ctx.cfg))
+        return self._keys[name]
+
+    def keys(self) -> dict[str, str]:
+        return {n: self.key(n) for n in self.order if self.decls[n].cached}
+
+    def stage(self, name: str) -> Stage:
+        return Stage(self.ctx.layout.root, name, self.key(name))
+
+    def plan(self, target: str | None = None) -> list[str]:
+        """``target`` (default: the last stage) and the stages it needs, in declaration order. A stage complete under
+        its key needs nothing before it: its inputs are neither recomputed nor required to be there."""
+        target = target or self.order[-1]
+        if target not in self.decls:
+            raise KeyError(f"stage '{target}' is not part of this run's pipeline ({', '.join(self.order)})")
+        need: set[str] = set()
+
+        def visit(n: str) -> None:
+            if n in need:
+                return
+            need.add(n)
+            if self.decls[n].cached and self.stage(n).complete:
+                return
+            for i in self.inputs(n):
+                visit(i)
+
+        visit(target)
+        return [n for n in self.order if n in need]
+
+    def run(self, target: str | None = None) -> dict[str, Any]:
+        """Run ``target`` (default: every stage) and its inputs; returns each stage's Stage (or value, uncached)."""
+        ctx = self.ctx
+        names = self.plan(target)
+        todo = [n for n in names if not self.decls[n].cached or not self.stage(n).complete]
+        if any(self.decls[n].cached for n in todo):
+            check_splits(ctx.reader, used_splits(ctx.cfg))
+        for n in todo:  # every check before anything is trained, written or deleted
+            if self.decls[n].check is not None:
+                self.decls[n].check(ctx)
+        results: dict[str, Any] = {}
+        with RunLock(ctx.layout.lock):
+            dump_config(ctx.cfg, ctx.layout.config)
+            for n in names:
+                d = self.decls[n]
+                if not d.cached:  # evaluation: reads (the records of) every complete stage before it
+                    done = {m: self.stage(m) for m in self.order[: self.order.index(n)] if self.decls[m].cached}
+                    results[n] = d.compute(ctx, {**{m: s for m, s in done.items() if s.complete}, **results}, None)
+                    continue
+                stage = self.stage(n)
+                if stage.complete:
+                    log.info("%s: reusing %s (config unchanged)", n, stage.dir)
+                    results[n] = stage
+                    continue
+                inputs = {i: results[i] for i in self.inputs(n)}
+                resumed = stage.open()
+                if resumed:
+                    log.info("%s: resuming the unfinished work in %s", n, stage.dir)
+                t0 = time.perf_counter()
+                info = d.compute(ctx, inputs, stage) or {}
+                seconds = round(time.perf_counter() - t0, 1)
+                stage.finish(**info, resumed=resumed, stage_seconds=seconds)
+                log.info("%s: done in %.1f s -> %s", n, seconds, stage.dir)
+                results[n] = stage
+        return results
+
+
+def run(ctx: RunContext, target: str | None = None) -> dict[str, Any]:
+    """``wsss run`` (every stage) or ``wsss <stage>`` (that stage and what it needs)."""
+    return Pipeline(ctx).run(target)
+
+
+def run_stage(ctx: RunContext, name: str) -> Any:
+    """Stage ``name`` of ``ctx``'s pipeline, computed (with what it needs) unless complete: its Stage, or the value
+    of an uncached stage (evaluation: the metrics)."""
+    return run(ctx, name)[name]
+
+
+__all__ = ["STAGES", "Pipeline", "run", "run_stage", "used_splits"]
