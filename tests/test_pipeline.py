@@ -3,22 +3,25 @@
 import json
 
 import numpy as np
+import torch
 import yaml
 from PIL import Image
 
 from wsss.cli import main
 from wsss.config import load_config
+from wsss.data.io import load_image
+from wsss.data.transforms import to_tensor
 from wsss.localize import load_maps
-from wsss.stages import evaluate
 from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
 
 from conftest import fast_overrides, make_voc_dataset
 
 
 def test_run_writes_every_artifact_and_reuses_unchanged_stages(fast_cfg):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1}))
-    metrics = evaluate.run(ctx)
+    metrics = run_stage(ctx, "eval")
     d = ctx.run_dir
     resolved = yaml.safe_load((d / "config.yaml").read_text())
     assert resolved["train"]["epochs"] == 1 and "poly_power" in resolved["train"]  # every default written out
@@ -38,12 +41,12 @@ def test_run_writes_every_artifact_and_reuses_unchanged_stages(fast_cfg):
     model_mtime = (d / "cls" / "model.pt").stat().st_mtime_ns
     map_file = next((d / "maps" / "train").glob("*.npz"))
     map_mtime = map_file.stat().st_mtime_ns
-    evaluate.run(RunContext(fast_cfg(**{"train.epochs": 1})))
+    run_stage(RunContext(fast_cfg(**{"train.epochs": 1})), "eval")
     assert (d / "cls" / "model.pt").stat().st_mtime_ns == model_mtime
     assert map_file.stat().st_mtime_ns == map_mtime
 
     # a maps setting changes: maps recomputed, classifier reused
-    evaluate.run(RunContext(fast_cfg(**{"train.epochs": 1, "maps.flip": False})))
+    run_stage(RunContext(fast_cfg(**{"train.epochs": 1, "maps.flip": False})), "eval")
     assert (d / "cls" / "model.pt").stat().st_mtime_ns == model_mtime
     assert map_file.stat().st_mtime_ns != map_mtime
 
@@ -52,7 +55,7 @@ def test_background_threshold_chosen_on_val_and_recorded(tmp_path):
     root = make_voc_dataset(tmp_path / "bg", background=True)
     cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{"train.epochs": 1,
                                                                       "eval.sweep": "[0.1, 0.3, 0.5]"}))
-    metrics = evaluate.run(RunContext(cfg))
+    metrics = run_stage(RunContext(cfg), "eval")
     sel = metrics["selection"]
     assert sel["chosen_on"] == "val" and sel["bg_threshold"] in (0.1, 0.3, 0.5)
     val_sweep = metrics["splits"]["val"]["sweep"]
@@ -71,8 +74,23 @@ def test_cli_run_prints_numbers(toy_root, tmp_path, capsys):
 
 
 def test_pred_labels_mode_uses_classifier_scores(fast_cfg):
-    ctx = RunContext(fast_cfg(**{"train.epochs": 1, "maps.labels": "pred", "maps.pred_threshold": 0.0,
-                                 "maps.splits": "[val]"}))
-    stage = maps_stage.run(ctx)
-    m = load_maps(next((stage.dir / "val").glob("*.npz")))
-    assert len(m["classes"]) == 4  # sigmoid > 0 holds for every class
+    # pretrained: an untrained backbone's scores all sit at sigmoid(0) = 0.5, on either side of any threshold by noise
+    settings = {"train.epochs": 1, "model.pretrained": True, "maps.labels": "pred", "maps.splits": "[val]"}
+    ctx = RunContext(fast_cfg(**settings))
+    model = maps_stage.inference_model(ctx, run_stage(ctx, "cls").dir / "model.pt")
+    samples = ctx.reader.samples("val")
+    with torch.no_grad():
+        scores = torch.sigmoid(model(torch.stack([to_tensor(load_image(s.image)) for s in samples]))["logits"]).numpy()
+    # a threshold in the widest gap between the scores (which classes pass cannot hinge on float rounding) among those
+    # that pass other classes than the default 0.5 does
+    p = np.sort(scores.ravel())
+    gaps = [(hi - lo, float(lo + hi) / 2) for lo, hi in zip(p[:-1], p[1:])]
+    width, threshold = max(g for g in gaps if (scores > g[1]).sum() != (scores > 0.5).sum())
+    assert width > 0.02, p
+    fg_ids = np.asarray(ctx.spec.fg_ids)
+    want = {s.id: set(fg_ids[row > threshold].tolist()) for s, row in zip(samples, scores, strict=True)}
+    assert any(want[s.id] != set(s.labels) for s in samples)  # the scores, not the image labels, decide here
+
+    stage = run_stage(RunContext(fast_cfg(**settings, **{"maps.pred_threshold": threshold})), "maps")
+    got = {s.id: set(load_maps(stage.dir / "val" / f"{s.id}.npz")["classes"].tolist()) for s in samples}
+    assert got == want, (threshold, scores)

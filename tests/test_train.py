@@ -12,8 +12,9 @@ from wsss.data.readers import open_dataset
 from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
 from wsss.engine.train import ClassifierTask, LoopSettings, TrainTask, fit, fit_classifier
 from wsss.errors import CheckpointError
-from wsss.stages import train_cls
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import run_stage
+from wsss.stages.seg import SegTask
 
 from conftest import Killed, fast_overrides, kill_after_first_epoch, make_voc_dataset
 
@@ -24,11 +25,11 @@ def _weights(path):
 
 def test_killed_stage_resumes_where_it_stopped(fast_cfg):
     # the weights of a resumed job: test_resume_after_kills_equals_uninterrupted_bit_for_bit
-    ctx = RunContext(fast_cfg(name="killed", **{"train.epochs": 3}))
+    ctx = RunContext(fast_cfg(name="killed", **{"train.epochs": 3}), after_epoch=kill_after_first_epoch)
     with pytest.raises(Killed):
-        train_cls.run(ctx, after_epoch=kill_after_first_epoch)
+        run_stage(ctx, "cls")
     assert (ctx.run_dir / "cls" / "last.ckpt").exists() and not (ctx.run_dir / "cls" / "model.pt").exists()
-    stage = train_cls.run(RunContext(fast_cfg(name="killed", **{"train.epochs": 3})))
+    stage = run_stage(RunContext(fast_cfg(name="killed", **{"train.epochs": 3})), "cls")
     assert stage.complete and (ctx.run_dir / "cls" / "model.pt").exists()
     log = [json.loads(line) for line in (ctx.run_dir / "cls" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
@@ -42,13 +43,12 @@ def _tiny_task(kind, tmp_path, workers):
         make_voc_dataset(root, splits=(("train", 4), ("val", 1), ("test", 1)), h=64, w=64)
     cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{
         "data.workers": workers, "model.pretrained": True, "train.epochs": 3, "train.batch_size": 2,
-        "train.crop_size": 64, "seg.pretrained": True, "seg.epochs": 3, "seg.batch_size": 2, "seg.crop_size": 64}))
+        "train.crop_size": 64, "seg.model.pretrained": True, "seg.train.epochs": 3, "seg.train.batch_size": 2,
+        "seg.train.crop_size": 64}))
     reader = open_dataset(cfg.data)
     samples = reader.samples("train")
     if kind == "classifier":
         return ClassifierTask(cfg, samples, reader.spec)
-    from wsss.stages.seg import SegTask
-
     return SegTask(cfg, samples, reader.spec, reader.load_mask)  # DeepLabV3's head has dropout
 
 
@@ -64,6 +64,11 @@ def _killed_at_loss_call(task, call):
 
     task.loss = dying_loss
     return task
+
+
+def _fit_done(result, out):
+    assert [r["epoch"] for r in result["history"]] == [1, 2, 3]
+    return out / "model.pt"
 
 
 @pytest.mark.parametrize("kind", ["classifier", "seg"])
@@ -117,8 +122,8 @@ class _NoisyTask(TrainTask):
     job's did."""
 
     def __init__(self, workers):
-        cfg = load_config(None, [f"data.workers={workers}", "train.precision=fp32", "train.channels_last=false",
-                                 "train.progress=false", "train.accelerator=cpu"])
+        cfg = load_config(None, [f"data.workers={workers}", "runtime.precision=fp32", "runtime.channels_last=false",
+                                 "runtime.progress=false", "runtime.accelerator=cpu"])
         super().__init__(cfg, LoopSettings(epochs=3, batch_size=2, lr=0.1, head_lr_mult=1.0), {"task": "noisy"})
 
     def build_model(self):
@@ -140,11 +145,6 @@ def test_loader_randomness_of_a_resumed_epoch_equals_uninterrupted(workers, tmp_
     fit(_NoisyTask(workers), tmp_path / "killed")
     a, b = _weights(tmp_path / "full" / "model.pt"), _weights(tmp_path / "killed" / "model.pt")
     assert float(a["w"]) != 0.0 and torch.equal(a["w"], b["w"]) and torch.equal(a["b"], b["b"]), (a, b)
-
-
-def _fit_done(result, out):
-    assert [r["epoch"] for r in result["history"]] == [1, 2, 3]
-    return out / "model.pt"
 
 
 class _KeepsInitialWeights(ClassifierTask):
@@ -172,7 +172,7 @@ def test_training_changes_the_head_and_keeps_frozen_bn(fast_cfg, tmp_path):
 
 def test_ddp_two_cpu_processes_train_as_one(fast_cfg, tmp_path, caplog):
     def train(name, devices):
-        cfg = fast_cfg(name=name, **{"train.devices": devices, "train.epochs": 2, "train.accelerator": "cpu",
+        cfg = fast_cfg(name=name, **{"runtime.devices": devices, "train.epochs": 2, "runtime.accelerator": "cpu",
                                      "model.pretrained": True})  # an untrained backbone's loss stays at log 2
         reader = open_dataset(cfg.data)
         return fit_classifier(cfg, reader.samples("train"), reader.spec, tmp_path / name)
@@ -209,12 +209,12 @@ def test_checkpoint_from_another_model_is_rejected(tmp_path):
 
 
 def test_resume_from_checkpoint_of_another_model_fails_clearly(fast_cfg):
-    ctx = RunContext(fast_cfg(name="x", **{"train.epochs": 2}))
+    ctx = RunContext(fast_cfg(name="x", **{"train.epochs": 2}), after_epoch=kill_after_first_epoch)
     with pytest.raises(Killed):
-        train_cls.run(ctx, after_epoch=kill_after_first_epoch)
+        run_stage(ctx, "cls")
     last = ctx.run_dir / "cls" / "last.ckpt"
     state = torch.load(last, weights_only=True)
     state["meta"]["backbone"] = "resnet50"
     save_checkpoint(last, state)
     with pytest.raises(CheckpointError, match="another model"):
-        train_cls.run(ctx)
+        run_stage(RunContext(ctx.cfg), "cls")

@@ -75,6 +75,8 @@ class SeededSampler(Sampler):
 
     Sharding over ``world`` processes is done here (rank r takes every world-th item of the padded permutation),
     so one sampler serves single-process and DDP training and batches do not depend on loader workers.
+    Only the training loop may call :meth:`set_epoch`: a loader wrapper that calls it with its own count of
+    iterations (Fabric's ``setup_dataloaders``) restarts that count at 0 in a resumed process.
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):

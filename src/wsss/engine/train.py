@@ -3,12 +3,15 @@
 Every classifier method and the segmentation network train through :func:`fit`; a :class:`TrainTask` only supplies
 its model, dataset, batch transform and loss (a classifier method supplies those through :class:`ClassifierTask`).
 
-- ``train.devices > 1`` runs DDP (``ddp_spawn``; on CPU through gloo). Under ``torchrun`` the processes already
-  exist and Fabric joins them. The global batch stays ``train.batch_size`` whatever the number of processes.
+- ``runtime.devices > 1`` runs DDP (``ddp_spawn``; on CPU through gloo). Under ``torchrun`` the processes already
+  exist and Fabric joins them. The global batch stays ``batch_size`` whatever the number of processes; the logged
+  loss and its parts are means over all processes' images, and the spawned processes' log records reach this
+  process's handlers.
 - A checkpoint (model, optimizer, epoch, history) is written atomically after every epoch; rerunning the stage
-  resumes from it. Batches and augmentations are a pure function of (seed, epoch), so the resumed run sees exactly
-  the batches of an uninterrupted one.
-- ``train.precision=bf16`` autocasts to bfloat16 (Fabric ``bf16-mixed``); fp32 is deterministic.
+  resumes from it at the start of the epoch after it. Batches, augmentations, dropout and the loader workers' random
+  state are a pure function of (seed, epoch, rank), so in fp32 a resumed run ends with the same weights, bit for bit,
+  as an uninterrupted one.
+- ``runtime.precision=bf16`` autocasts to bfloat16 (Fabric ``bf16-mixed``); fp32 is deterministic.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ def _under_torchrun() -> bool:
 
 
 def make_fabric(cfg: Config) -> Fabric:
-    t = cfg.train
+    t = cfg.runtime
     accelerator = t.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,7 +74,7 @@ def make_fabric(cfg: Config) -> Fabric:
 @dataclass
 class LoopSettings:
     """The optimisation schedule of one training job (the classifier takes it from ``train``, the segmentation
-    network from ``seg``); devices, precision, memory format and progress always come from ``train``."""
+    network from ``seg.train``); devices, precision, memory format and progress always come from ``runtime``."""
 
     epochs: int
     batch_size: int
@@ -139,7 +142,7 @@ def fit_classifier(cfg: Config, samples: list[Sample], spec: DatasetSpec, out_di
 def fit(task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) ``task``; writes ``out_dir/last.ckpt`` every epoch and ``out_dir/model.pt`` at the end."""
     fabric = make_fabric(task.cfg)
-    if task.cfg.train.devices > 1 and not _under_torchrun():
+    if task.cfg.runtime.devices > 1 and not _under_torchrun():
         with _logging_of_spawned_processes() as logs:
             return fabric.launch(_fit, task, Path(out_dir), after_epoch, logs)
     return fabric.launch(_fit, task, Path(out_dir), after_epoch)
@@ -190,7 +193,7 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
          logs: tuple[multiprocessing.Queue, int] | None = None) -> dict:
     if logs is not None:
         _send_logs_to(logs)
-    cfg, t, st = task.cfg, task.cfg.train, task.settings
+    cfg, t, st = task.cfg, task.cfg.runtime, task.settings
     world, rank = fabric.world_size, fabric.global_rank
     if fabric.device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -253,7 +256,7 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
             optimizer.step()
             if not math.isfinite(float(loss.detach())):
                 raise FloatingPointError(f"training loss became {float(loss.detach())} at epoch {epoch + 1}, step {step}; "
-                                         "lower train.lr or use train.precision=fp32")
+                                         "lower the learning rate or use runtime.precision=fp32")
             n = x.shape[0]
             loss_sum += loss.detach().float().cpu() * n
             seen += n
