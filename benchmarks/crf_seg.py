@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--temperatures", default="0.05,0.1,0.2,0.4")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    base = [f"name={args.name}", "train.progress=false", "maps.localizer=cam", "maps.target_layer=''",
+    base = [f"name={args.name}", "runtime.progress=false", "maps.localizer=cam", "maps.target_layer=''",
             *args.overrides]
     out: dict = {"selection_on_val": []}
     for t in [float(x) for x in args.temperatures.split(",")]:

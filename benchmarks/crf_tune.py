@@ -59,7 +59,7 @@ def main() -> None:
     p.add_argument("--passes", type=int, default=2)
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    cfg = load_config(CONFIG, [f"name={args.name}", "train.progress=false", *args.overrides])
+    cfg = load_config(CONFIG, [f"name={args.name}", "runtime.progress=false", *args.overrides])
     ctx = RunContext(cfg)
     workers = max(cfg.crf.workers, 1)
     val = load_split(ctx, ctx.split_name("val"))

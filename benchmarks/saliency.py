@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    cfg = load_config(args.config, [f"name={args.name}", "train.progress=false", *args.overrides])
+    cfg = load_config(args.config, [f"name={args.name}", "runtime.progress=false", *args.overrides])
     ctx = RunContext(cfg)
     check_saliency_config(cfg.saliency, ctx.spec)
     maps = Pipeline(ctx).stage("maps")

@@ -1,7 +1,7 @@
 """MSRC-21: SEC (seed, expand, constrain) trained on CAM cues, each loss switched off in turn, next to cross-entropy on
 the CAM + CRF pseudo masks with the same network and budget; and the effect of CRF post-processing of predictions.
 
-    .venv/bin/python benchmarks/sec_ablation.py --name calib seg.epochs=10
+    .venv/bin/python benchmarks/sec_ablation.py --name calib seg.train.epochs=10
 
 Reuses the run's classifier and maps (stage cache); each variant retrains the segmentation network in the same run
 directory, then predicts and scores the test split. Writes benchmarks/out/sec-ablation.json and a Markdown table.
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--only", default="", help="comma-separated variant numbers (1-based) to run")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args()
-    base = [f"name={args.name}", "train.progress=false", *args.overrides]
+    base = [f"name={args.name}", "runtime.progress=false", *args.overrides]
     out_path = REPO / "benchmarks" / "out" / "sec-ablation.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(out_path.read_text()) if out_path.exists() else {}

@@ -31,7 +31,7 @@ def quality(args) -> None:
     variants = [("cam", ""), ("grad_cam", ""), ("grad_cam_pp", ""), ("grad_cam", "13"), ("grad_cam_pp", "13")]
     for loc, layer in variants:
         overrides = [f"name={args.name}", f"maps.localizer={loc}", f"maps.target_layer={layer!r}" if layer
-                     else "maps.target_layer=''", "train.progress=false", "pseudo.refiners=[]", "seg.enabled=false",
+                     else "maps.target_layer=''", "runtime.progress=false", "pseudo.refiners=[]", "seg.enabled=false",
                      *args.overrides]
         t0 = time.perf_counter()
         m = run_stage(RunContext(load_config(CONFIG, overrides)), "eval")
@@ -62,7 +62,7 @@ def _setup(n_images: int):
     from wsss.methods import build_method
 
     torch.set_num_threads(2)
-    cfg = load_config(CONFIG, ["train.progress=false"])
+    cfg = load_config(CONFIG, ["runtime.progress=false"])
     reader = open_dataset(cfg.data)
     model = build_method("cam").build_model(dataclasses.replace(cfg.model, pretrained=False), reader.spec.num_fg)
     trained = REPO / "runs" / SPEED_MODEL_RUN / "cls" / "model.pt"

@@ -57,6 +57,27 @@ def test_weights_file_of_another_architecture(tmp_path):
         build_backbone(ModelConfig(backbone="mobilenet_v2", weights_file=str(tmp_path / "none.pth")))
 
 
+def test_segmentation_network_honours_weights_file_and_freeze_bn(tmp_path):
+    """seg.model is a backbone block like model: its weights_file initialises DeepLabV3's backbone, and freeze_bn
+    decides whether the backbone's BatchNorm trains."""
+    from wsss.config.schema import SegModelConfig
+    from wsss.seg.model import DeepLabV3
+
+    ref = torchvision.models.mobilenet_v2()
+    with torch.no_grad():
+        ref.features[0][0].weight.fill_(0.25)
+    p = tmp_path / "w.pth"
+    torch.save(ref.state_dict(), p)
+    net = DeepLabV3(SegModelConfig(output_stride=32, pretrained=False, weights_file=str(p)), num_classes=3).train()
+    assert torch.all(net.backbone[0][0].weight == 0.25)
+    bn = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training or any(w.requires_grad for w in m.parameters()) for m in bn)  # frozen (default)
+    net = DeepLabV3(SegModelConfig(output_stride=32, pretrained=False, freeze_bn=False), num_classes=3).train()
+    assert not torch.all(net.backbone[0][0].weight == 0.25)
+    bn = [m for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.training and all(w.requires_grad for w in m.parameters()) for m in bn)
+
+
 def test_unknown_backbone_lists_registered():
     with pytest.raises(ConfigError, match="mobilenet_v2"):
         build_backbone(ModelConfig(backbone="mobilenetv2"))

@@ -7,7 +7,7 @@ from wsss.errors import ConfigError
 
 def test_defaults_and_overrides_are_typed():
     cfg = load_config(None, ["train.epochs=3", "maps.scales=[0.5, 1]", "train.scale_range=[0.5, 2]",
-                             "train.precision=fp32", "model.pretrained=false"])
+                             "runtime.precision=fp32", "model.pretrained=false"])
     assert cfg.train.epochs == 3
     assert cfg.maps.scales == [0.5, 1.0] and all(isinstance(s, float) for s in cfg.maps.scales)
     assert cfg.train.scale_range == (0.5, 2.0)
@@ -29,7 +29,7 @@ def test_unknown_section_suggests_nearest():
 
 
 @pytest.mark.parametrize("override", ["model.pretrained='False'", "model.pretrained=0", "train.epochs=2.5",
-                                      "train.precision=fp16", "train.scale_range=[1, 2, 3]", "maps.scales=1"])
+                                      "runtime.precision=fp16", "train.scale_range=[1, 2, 3]", "maps.scales=1"])
 def test_bad_values_rejected(override):
     with pytest.raises(ConfigError):
         load_config(None, [override])
@@ -45,6 +45,26 @@ def test_hash_changes_with_settings():
     a, b = load_config(None), load_config(None, ["maps.scales=[1.0]"])
     assert config_hash(a.train) == config_hash(b.train)
     assert config_hash(a.maps) != config_hash(b.maps)
+
+
+def test_runtime_settings_in_the_stage_keys():
+    """runtime.precision changes map values (the maps key has it); progress bars change nothing (in no key)."""
+    from wsss.stages.pipeline import STAGES
+
+    decls = {d.name: d for d in STAGES if d.name in ("cls", "maps", "seg", "pred")}
+
+    def keys(*overrides):
+        cfg = load_config(None, list(overrides))
+        return {n: config_hash(d.settings(cfg)) for n, d in decls.items()}
+
+    base = keys()
+    assert keys("runtime.progress=false") == base
+    fp32 = keys("runtime.precision=fp32")
+    assert fp32["maps"] != base["maps"] and fp32["cls"] != base["cls"] and fp32["seg"] != base["seg"]
+    assert keys("runtime.accelerator=cpu")["cls"] != base["cls"]
+    for override in ("seg.train.lr=0.01", "seg.model.freeze_bn=false", "seg.model.weights_file=w.pth"):
+        seg = keys(override)
+        assert seg["seg"] != base["seg"] and seg["cls"] == base["cls"] and seg["maps"] == base["maps"], override
 
 
 def test_cli_reports_config_typo_cleanly(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import typing
 import urllib.error
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 
 from wsss.cli import main
 from wsss.config import config_hash, dump_config, load_config, schema
-from wsss.config.load import to_dict
+from wsss.config.load import MOVED_KEYS, to_dict
 from wsss.errors import ConfigError, DataError
 from wsss.models import build_backbone
 from wsss.models.backbones import check_weights
@@ -68,9 +69,9 @@ def test_cli_misspelt_method_option_suggests_the_method_own_option(run_cli):
 def test_exponent_notation_is_a_number_in_overrides_and_files(tmp_path):
     assert load_config(MSRC_YAML, ["train.lr=1e-3"]).train.lr == pytest.approx(1e-3)
     p = tmp_path / "c.yaml"
-    p.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\nseg:\n  lr: 2.5e-4\n")
+    p.write_text("train:\n  lr: 1e-3\n  weight_decay: 5E-4\nseg:\n  train:\n    lr: 2.5e-4\n")
     cfg = load_config(p)
-    assert (cfg.train.lr, cfg.train.weight_decay, cfg.seg.lr) == (1e-3, 5e-4, 2.5e-4)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.seg.train.lr) == (1e-3, 5e-4, 2.5e-4)
     assert isinstance(cfg.train.lr, float)
 
 
@@ -97,7 +98,7 @@ def test_non_numbers_and_non_finite_numbers_refused(override):
     ("train.crop_size=8", "train.crop_size: must be >= 16"),
     ("train.scale_range=[1.3, 0.7]", "train.scale_range: the low value must not exceed the high one"),
     ("train.scale_range=[0, 1]", "train.scale_range[0]: every value must be > 0"),
-    ("train.devices=0", "train.devices: must be >= 1"),
+    ("runtime.devices=0", "runtime.devices: must be >= 1"),
     ("data.limit=-1", "data.limit: must be >= 1 (or null), got -1"),
     ("data.limit=0", "data.limit: must be >= 1 (or null)"),
     ("data.workers=-1", "data.workers: must be >= 0"),
@@ -108,11 +109,16 @@ def test_non_numbers_and_non_finite_numbers_refused(override):
     ("maps.splits=[]", "maps.splits: needs at least one value"),
     ("eval.sweep=[0.0, 0.5]", "eval.sweep[0]: every value must be in (0, 1), got 0.0"),
     ("eval.sweep=[]", "eval.sweep: needs at least one value"),
-    ("seg.atrous_rates=[0, 6]", "seg.atrous_rates[0]: every value must be >= 1"),
-    ("seg.epochs=0", "seg.epochs: must be >= 1"),
+    ("seg.model.atrous_rates=[0, 6]", "seg.model.atrous_rates[0]: every value must be >= 1"),
+    ("seg.train.epochs=0", "seg.train.epochs: must be >= 1"),
+    ("seg.train.batch_size=0", "seg.train.batch_size: must be >= 1"),
+    ("seg.train.lr=0", "seg.train.lr: must be > 0"),
+    ("seg.train.momentum=1", "seg.train.momentum: must be in [0, 1), got 1.0"),
+    ("seg.train.crop_size=8", "seg.train.crop_size: must be >= 16"),
+    ("seg.train.scale_range=[1.3, 0.7]", "seg.train.scale_range: the low value must not exceed the high one"),
     ("seg.scales=[]", "seg.scales: needs at least one value"),
     ("seg.sec.fg_decay=1.5", "seg.sec.fg_decay: must be in [0, 1]"),
-    ("seg.sec.output_stride=0", "seg.sec.output_stride: must be >= 1"),
+    ("seg.sec.loss_stride=0", "seg.sec.loss_stride: must be >= 1"),
     ("seed=-1", "seed: must be in [0, 4.29497e+09]"),
 ])
 def test_out_of_range_values_name_the_key_and_the_range(override, message):
@@ -155,6 +161,65 @@ def test_defaults_and_shipped_configs_are_within_range():
         load_config(p)
 
 
+def test_a_section_set_in_part_keeps_the_defaults_of_its_place(tmp_path):
+    """seg.train is the classifier's schedule type with the segmentation network's own defaults: a config that sets
+    some of its keys (one key, the whole section, the file) keeps the others at seg's defaults, not the classifier's."""
+    default = load_config(None)
+    assert (default.train.lr, default.train.batch_size, default.seg.train.lr, default.seg.train.batch_size) == (
+        0.01, 16, 0.001, 8)
+    # what seg borrowed from train before it had its own schedule
+    shared = ("momentum", "weight_decay", "poly_power", "epochs", "head_lr_mult", "crop_size", "scale_range", "hflip")
+    assert [getattr(default.seg.train, k) for k in shared] == [getattr(default.train, k) for k in shared]
+    p = tmp_path / "c.yaml"
+    p.write_text("seg:\n  train:\n    epochs: 3\n")
+    for path, overrides in ((None, ["seg.train.epochs=3"]), (None, ["seg.train={epochs: 3}"]),
+                            (None, ["seg={train: {epochs: 3}}"]), (p, [])):
+        cfg = load_config(path, overrides)
+        assert cfg.seg.train == dataclasses.replace(default.seg.train, epochs=3), overrides
+        assert cfg.seg.model == default.seg.model and cfg.train == default.train
+
+
+# -- keys of older configs ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("override,moved", [
+    ("train.precision=fp32", "runtime.precision"),
+    ("train.progress=false", "runtime.progress"),
+    ("train.devices=2", "runtime.devices"),
+    ("maps.precision=fp32", "runtime.precision"),
+    ("seg.backbone=resnet18", "seg.model.backbone"),
+    ("seg.pretrained=false", "seg.model.pretrained"),
+    ("seg.epochs=3", "seg.train.epochs"),
+    ("seg.lr=0.01", "seg.train.lr"),
+    ("seg.sec.output_stride=4", "seg.sec.loss_stride"),
+])
+def test_a_moved_key_fails_as_unknown_and_says_where_it_went(override, moved):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value) == f"override '{override}': unknown config key '{key}': it moved to '{moved}'."
+
+
+def test_an_older_config_file_is_refused_naming_the_moved_key(tmp_path):
+    p = tmp_path / "old.yaml"
+    p.write_text("train:\n  epochs: 5\n  precision: fp32\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value) == f"{p}: unknown config key 'train.precision': it moved to 'runtime.precision'."
+    p.write_text("seg:\n  enabled: true\n  output_stride: 16\n")
+    with pytest.raises(ConfigError, match=re.escape("'seg.output_stride': it moved to 'seg.model.output_stride'")):
+        load_config(p)
+
+
+def test_every_moved_key_is_unknown_and_names_a_setting():
+    settings = to_dict(schema.Config())
+    for old, new in MOVED_KEYS.items():
+        with pytest.raises(ConfigError, match=f"unknown config key '{re.escape(old)}': it moved to '{re.escape(new)}'"):
+            load_config(None, [f"{old}=1"])
+        node = settings
+        for part in new.split("."):
+            assert isinstance(node, dict) and part in node, (old, new)
+            node = node[part]
+
+
 # -- where a bad value came from ------------------------------------------------------------------------------------
 def test_a_file_value_is_blamed_on_the_file_and_an_override_on_the_override(tmp_path):
     p = tmp_path / "c.yaml"
@@ -191,7 +256,7 @@ def test_malformed_overrides_are_named():
 @pytest.mark.parametrize("override,hint", [
     ("method.name=adv_erse", "Did you mean 'adv_erase'"),
     ("model.backbone=resnet5", "Did you mean 'resnet50'"),
-    ("seg.backbone=mobilenetv2", "Did you mean 'mobilenet_v2'"),
+    ("seg.model.backbone=mobilenetv2", "Did you mean 'mobilenet_v2'"),
     ("maps.localizer=gradcam", "Did you mean 'grad_cam'"),
     ("saliency.source=spectral_residul", "Did you mean 'spectral_residual'"),
 ])
@@ -244,7 +309,7 @@ def test_method_option_errors_at_load():
     (["model.backbone=vit_small", "maps.localizer=grad_cam", "maps.target_layer=vit.blocks.0"],
      "gradient localizers need a spatial (B, C, h, w) activation"),
     (["model.backbone=vit_small", "model.output_stride=32"], "model.output_stride=32 does not apply"),
-    (["seg.backbone=vit_test", "seg.output_stride=32"], "seg.output_stride=32 does not apply"),
+    (["seg.model.backbone=vit_test", "seg.model.output_stride=32"], "seg.model.output_stride=32 does not apply"),
     (["method.name=adv_erase", "maps.normalize=minmax"], "needs maps.normalize=max"),
     (["seg.loss=sec", "seg.masks=gt"], "it needs seg.masks=pseudo"),
 ])
@@ -278,8 +343,8 @@ def test_check_weights_offline_names_the_hub_file(empty_hub):
     msg = str(e.value)
     assert str(empty_hub / "resnet18-f37072fd.pth") in msg and "model.weights_file" in msg
     check_weights(cfg, online=True)  # with network, torchvision downloads it
-    with pytest.raises(ConfigError, match="seg.pretrained=false"):
-        check_weights(schema.ModelConfig(backbone="resnet18"), section="seg", online=False)
+    with pytest.raises(ConfigError, match="seg.model.pretrained=false"):
+        check_weights(schema.SegModelConfig(backbone="resnet18"), section="seg.model", online=False)
     # present in the hub cache: fine offline
     empty_hub.mkdir(parents=True)
     torch.save(torchvision.models.resnet18().state_dict(), empty_hub / "resnet18-f37072fd.pth")
@@ -304,6 +369,11 @@ def test_check_weights_file(tmp_path):
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(DataError, match=f"model.weights_file {garbage}: not a readable state dict"):
         check_weights(schema.ModelConfig(backbone="resnet18", weights_file=str(garbage)))
+    # the segmentation network's block, as seg.check_train hands it over
+    seg = load_config(None, [f"seg.model.weights_file={garbage}", "seg.model.backbone=resnet18"]).seg.model
+    with pytest.raises(DataError, match=f"seg.model.weights_file {garbage}: not a readable state dict"):
+        check_weights(seg, section="seg.model")
+    check_weights(dataclasses.replace(seg, weights_file=str(good)), section="seg.model", online=False)
     pickled = tmp_path / "pickled.pth"
     pickled.write_bytes(pickle.dumps({"weights": Path("x")}, protocol=2))  # a pickle weights_only refuses to run
     with pytest.raises(DataError, match="pickled.pth: not a readable state dict"):

@@ -9,10 +9,14 @@ from wsss.config.schema import (
     MethodConfig,
     ModelConfig,
     PseudoConfig,
-    TrainConfig,
+    RuntimeConfig,
+    ScheduleConfig,
+    SegConfig,
+    SegModelConfig,
 )
 
 __all__ = [
     "Config", "DataConfig", "EvalConfig", "MapsConfig", "MethodConfig", "ModelConfig", "PseudoConfig",
-    "TrainConfig", "check_config", "config_hash", "dump_config", "load_config", "to_dict",
+    "RuntimeConfig", "ScheduleConfig", "SegConfig", "SegModelConfig", "check_config", "config_hash", "dump_config",
+    "load_config", "to_dict",
 ]

@@ -77,7 +77,24 @@ class DataConfig:
 
 
 @dataclass
+class LabelCheckConfig:
+    """The label check of the training split before the classifier trains (wsss.data.label_check). In no stage key:
+    it can stop a run but never changes an output."""
+
+    #: a class labelled on at least this fraction of the training images cannot be localized from image-level
+    #: labels: warned, by name
+    common_fraction: float = bounded(0.9, gt=0, le=1)
+    #: the run refuses to start when more than this fraction of the classes are that common
+    refuse_fraction: float = bounded(0.5, ge=0, lt=1)
+    #: start anyway when the check refuses (it still warns, and the record says "forced")
+    force: bool = False
+
+
+@dataclass
 class ModelConfig:
+    """A network's backbone: ``model`` for the classifier, ``seg.model`` (with DeepLab's own settings) for the
+    segmentation network."""
+
     #: backbone registered in wsss.models.backbones (mobilenet_v2, resnet50, ...)
     backbone: str = "mobilenet_v2"
     output_stride: Literal[16, 32] = 16
@@ -90,6 +107,14 @@ class ModelConfig:
 
 
 @dataclass
+class SegModelConfig(ModelConfig):
+    """The segmentation network: a backbone (as ``model``) with torchvision's DeepLabV3 (ASPP) head."""
+
+    #: ASPP dilation rates (DeepLabV3 at output stride 16: 6, 12, 18)
+    atrous_rates: list[int] = bounded(factory=lambda: [6, 12, 18], ge=1, nonempty=True)
+
+
+@dataclass
 class MethodConfig:
     #: classifier-training recipe registered in wsss.methods (``wsss methods`` lists them)
     name: str = "cam"
@@ -98,7 +123,10 @@ class MethodConfig:
 
 
 @dataclass
-class TrainConfig:
+class ScheduleConfig:
+    """The optimisation schedule and augmentation of one training job: ``train`` for the classifier, ``seg.train``
+    for the segmentation network (same keys, its own defaults). Where it runs: ``runtime``."""
+
     epochs: int = bounded(20, ge=1)
     batch_size: int = bounded(16, ge=1)
     #: learning rate of the backbone; the new head uses lr * head_lr_mult
@@ -112,14 +140,21 @@ class TrainConfig:
     #: random rescale range before cropping
     scale_range: tuple[float, float] = bounded((0.7, 1.3), gt=0, ordered=True)
     hflip: bool = True
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and in which numerics every network runs: classifier training, map extraction, segmentation training
+    and prediction."""
+
+    #: cpu, cuda, gpu or auto
+    accelerator: str = "auto"
+    #: training processes (DDP when > 1; on CPU through gloo)
+    devices: int = bounded(1, ge=1)
     #: fp32 (deterministic tests) or bf16 (autocast; 2.5-3.5x faster on CPUs with bf16 units and on GPUs)
     precision: Literal["fp32", "bf16"] = "bf16"
     channels_last: bool = True
-    #: cpu, cuda, gpu or auto
-    accelerator: str = "auto"
-    #: processes (DDP when > 1; on CPU through gloo)
-    devices: int = bounded(1, ge=1)
-    #: show a progress bar
+    #: show progress bars (in no stage key)
     progress: bool = True
 
 
@@ -142,14 +177,14 @@ class MapsConfig:
     #: splits to extract maps for (names of data.*_split)
     splits: list[str] = bounded(factory=lambda: ["train", "val", "test"], nonempty=True)
     batch_size: int = bounded(8, ge=1)
-    precision: Literal["fp32", "bf16"] = "bf16"
 
 
 @dataclass
 class PseudoConfig:
     #: refiners run in order over each image's maps (wsss.refine registry): crf (dense CRF, settings in ``crf``),
-    #: saliency (saliency fusion, Oh et al., CVPR 2017; settings in ``saliency``), e.g. [saliency, crf]; maps left
-    #: at the end become a mask by the background threshold / arg-max rule, so [] is that rule alone
+    #: saliency (saliency fusion, Oh et al., CVPR 2017; settings in ``saliency``), irn / psa (random walk on
+    #: affinities learned from the maps: IRN, CVPR 2019 / PSA, CVPR 2018), e.g. [saliency, crf], [irn, crf]; maps
+    #: left at the end become a mask by the background threshold / arg-max rule, so [] is that rule alone
     refiners: list[str] = field(default_factory=list)
     #: each refiner's own options, {refiner: {option: value}}, validated by the refiner (the loaded config lists
     #: every option of the chain's refiners)
@@ -232,8 +267,9 @@ class SecConfig:
     #: GWRP decays: present foreground classes, background (absent classes use 0 = max pooling; 1 = mean)
     fg_decay: float = bounded(0.996, ge=0, le=1)
     bg_decay: float = bounded(0.999, ge=0, le=1)
-    #: the losses are computed on logits resized to 1/output_stride of the crop (8: the paper's 41x41 for 321x321)
-    output_stride: int = bounded(8, ge=1)
+    #: resolution of the losses: the logits are resized to 1/loss_stride of the crop (8: the paper's 41x41 for
+    #: 321x321 crops), whatever the network's own seg.model.output_stride
+    loss_stride: int = bounded(8, ge=1)
 
 
 @dataclass
@@ -242,25 +278,15 @@ class SegConfig:
 
     #: `wsss run` trains and evaluates the segmentation network (false: stop after pseudo masks)
     enabled: bool = True
-    #: backbone registered in wsss.models.backbones, with torchvision's DeepLabV3 (ASPP) head
-    backbone: str = "mobilenet_v2"
-    output_stride: Literal[16, 32] = 16
-    #: ASPP dilation rates (DeepLabV3 at output stride 16: 6, 12, 18)
-    atrous_rates: list[int] = bounded(factory=lambda: [6, 12, 18], ge=1, nonempty=True)
-    pretrained: bool = True
+    model: SegModelConfig = field(default_factory=SegModelConfig)
+    #: 0.001: the classifier's 0.01 leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
+    train: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(batch_size=8, lr=0.001))
     #: pseudo = the pseudo masks of this run; gt = ground-truth masks (the fully supervised upper bound)
     masks: Literal["pseudo", "gt"] = "pseudo"
     #: ce = cross-entropy on the masks (ignoring 255); sec = SEC's seed/expand/constrain losses on localization cues
     #: from the maps (seg.sec.*; seg.masks must be pseudo)
     loss: Literal["ce", "sec"] = "ce"
     sec: SecConfig = field(default_factory=SecConfig)
-    epochs: int = bounded(20, ge=1)
-    batch_size: int = bounded(8, ge=1)
-    #: 0.01 (the classifier's rate) leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
-    lr: float = bounded(0.001, gt=0)
-    head_lr_mult: float = bounded(10.0, gt=0)
-    crop_size: int = bounded(320, ge=16)
-    scale_range: tuple[float, float] = bounded((0.7, 1.3), gt=0, ordered=True)
     #: inference views
     scales: list[float] = bounded(factory=lambda: [1.0], gt=0, nonempty=True)
     flip: bool = True
@@ -286,10 +312,13 @@ class Config:
     runs_dir: str = "runs"
     #: the seeds of every random generator (Lightning's seed_everything takes 0 .. 2^32 - 1)
     seed: int = bounded(0, ge=0, le=2**32 - 1)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    label_check: LabelCheckConfig = field(default_factory=LabelCheckConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    #: the classifier's schedule
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
     maps: MapsConfig = field(default_factory=MapsConfig)
     pseudo: PseudoConfig = field(default_factory=PseudoConfig)
     crf: CrfConfig = field(default_factory=CrfConfig)

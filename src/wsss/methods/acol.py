@@ -5,7 +5,7 @@ Two classifier branches A and B share the backbone features. Branch A localizes 
 discriminative region (where A's max-normalised map exceeds ``erase_threshold``, the paper's delta) is erased from
 the features that branch B sees, so B has to classify from the rest of the object. Both branches are trained with
 the classification loss; the final map of a class is the element-wise maximum of the two branches' maps (the
-paper's fusion). The erasing mask is a constant for the backward pass (it depends on A only through a threshold,
+paper's fusion). The erase mask is a constant for the backward pass (it depends on A only through a threshold,
 which has no gradient).
 
 Where we differ from the paper, and why:

@@ -68,6 +68,10 @@ class AdversarialErasing(Method):
     name = "adv_erase"
     Options = AdversarialErasingOptions
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_maps_config(cfg.maps)
+
 
 def check_maps_config(maps_cfg) -> None:
     """Erase thresholds and the union compare maps across classes and rounds as fractions of each class's peak."""

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from wsss.config.load import _build, to_dict
 from wsss.config.schema import ModelConfig
+from wsss.config.typed import build, to_dict
 from wsss.errors import ConfigError
 from wsss.models import CAMClassifier, build_backbone
 from wsss.registry import Registry
@@ -48,7 +48,7 @@ class Method:
             raise ConfigError(f"method.options: expected a mapping of option: value, got {options!r} (method "
                               f"'{cls.name}' takes: {', '.join(valid) or 'no options'})")
         try:
-            return _build(cls.Options, dict(options or {}), "method.options")
+            return build(cls.Options, dict(options or {}), "method.options")
         except ConfigError as e:
             raise ConfigError(f"{e} (method '{cls.name}' takes: {', '.join(valid) or 'no options'})") from None
 
@@ -58,6 +58,11 @@ class Method:
         a config is loaded, so ``{}`` and the spelled-out defaults are one config). Needs no dataset: settings that
         default from it (``has_background``) keep their "from the dataset" value and are resolved in ``__init__``."""
         return to_dict(cls._options(options))
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ConfigError when other settings of the run cannot serve this method (checked at load, before any
+        data is read); the default accepts any."""
 
     def build_model(self, model_cfg: ModelConfig, num_classes: int) -> nn.Module:
         return CAMClassifier(build_backbone(model_cfg), num_classes, freeze_bn=model_cfg.freeze_bn)

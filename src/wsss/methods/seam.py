@@ -137,7 +137,7 @@ def transformed_size(size: Sequence[int], scale: float) -> tuple[int, int]:
 
 def transform_images(x: torch.Tensor, size: tuple[int, int], flip: bool) -> torch.Tensor:
     """A(x) for images: antialiased bilinear resize to ``size``, then mirror if ``flip``."""
-    # antialiased resampling has no bfloat16 kernel on CPU (train.precision=bf16 hands bf16 inputs here): resize in
+    # antialiased resampling has no bfloat16 kernel on CPU (runtime.precision=bf16 hands bf16 inputs here): resize in
     # fp32 and return the input's dtype
     out = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False,
                         antialias=x.shape[-1] > size[1]).to(x.dtype)

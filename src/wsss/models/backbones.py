@@ -113,19 +113,20 @@ def resolve_weights(arch: str):
     return enum.DEFAULT
 
 
-def read_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
+def read_state_dict(path: str | Path, key: str = "model.weights_file") -> Mapping[str, torch.Tensor]:
     """A local state-dict file (``torch.load(weights_only=True)``; a ``state_dict`` or ``model`` wrapper is unpacked).
-    ConfigError if it does not exist, DataError naming it if it is not a readable state dict."""
+    ConfigError if it does not exist, DataError naming it if it is not a readable state dict; ``key``: the setting
+    that named the file, for the messages."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"model.weights_file {p} does not exist")
+        raise ConfigError(f"{key} {p} does not exist")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
         # UnpicklingError: not a checkpoint, or one holding more than tensors (weights_only refuses code);
         # RuntimeError: a truncated zip archive
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"model.weights_file {p}: not a readable state dict (torch.load with weights_only=True: "
+        raise DataError(f"{key} {p}: not a readable state dict (torch.load with weights_only=True: "
                         f"{type(e).__name__}: {first}). Give a file saved with torch.save(model.state_dict(), ...)"
                         ) from None
     for wrapper in ("state_dict", "model"):  # training checkpoints (torchvision references, DeiT) wrap the weights
@@ -133,7 +134,7 @@ def read_state_dict(path: str | Path) -> Mapping[str, torch.Tensor]:
             state = state[wrapper]
             break
     if not isinstance(state, Mapping) or not any(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"model.weights_file {p}: holds a {type(state).__name__}, not a state dict "
+        raise DataError(f"{key} {p}: holds a {type(state).__name__}, not a state dict "
                         "(a mapping of parameter names to tensors)")
     return state
 
@@ -154,14 +155,13 @@ def _load_local(model: nn.Module, path: str) -> None:
 
 
 def _offline_advice(arch: str, section: str | None = None) -> str:
-    """What to do without network; ``section`` (model, seg) when known, else both are named."""
+    """What to do without network; ``section`` (model, seg.model) when known, else both are named."""
     import torchvision
 
     files = ", ".join(_weight_file(w) for w in torchvision.models.get_model_weights(arch))
     s = section or "model"
-    fix = (f"set {s}.weights_file=/path/to/state_dict.pth, or {s}.pretrained=false" if section != "seg"
-           else "set seg.pretrained=false")
-    also = "" if section else " (seg.pretrained=false for the segmentation network)"
+    fix = f"set {s}.weights_file=/path/to/state_dict.pth, or {s}.pretrained=false"
+    also = "" if section else " (seg.model.* for the segmentation network)"
     return (f"Offline, copy torchvision's weight file for {arch} ({files}) into {_hub_checkpoints()}/, or {fix}"
             f"{also}; README.md explains offline weights")
 
@@ -251,7 +251,7 @@ def is_transformer(name: str) -> bool:
 
 def check_backbone_config(name: str, output_stride: int, section: str = "model") -> None:
     """What building backbone ``name`` at ``output_stride`` would refuse, told from the names alone (no model is
-    built); ``section``: the config section (model, seg) named in the error."""
+    built); ``section``: the config section (model, seg.model) named in the error."""
     BACKBONES.get(name, key=f"{section}.backbone")
     if is_transformer(name) and output_stride != 16:
         raise ConfigError(
@@ -304,7 +304,8 @@ def check_weights(model_cfg: ModelConfig, section: str = "model", online: bool |
       ``HF_HUB_OFFLINE`` is set); ``online=True`` assumes network access. A flaky network therefore passes here and
       fails at build time, still with an error that says what to do.
 
-    ``section``: the config section the settings came from (``model``, or ``seg`` for the segmentation network).
+    ``section``: the config section the settings came from (``model``, or ``seg.model`` for the segmentation
+    network).
     """
     check_backbone_config(model_cfg.backbone, model_cfg.output_stride, section)
     name = model_cfg.backbone
@@ -313,7 +314,7 @@ def check_weights(model_cfg: ModelConfig, section: str = "model", online: bool |
         if not p.is_file():
             raise ConfigError(f"{section}.weights_file {p} does not exist")
         if not (is_transformer(name) and p.suffix == ".safetensors"):
-            read_state_dict(p)
+            read_state_dict(p, f"{section}.weights_file")
         return
     if not model_cfg.pretrained:
         return

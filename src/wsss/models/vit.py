@@ -56,7 +56,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from wsss.config.schema import ModelConfig
-from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from wsss.errors import CheckpointError, ConfigError
 from wsss.models.backbones import BACKBONES, Backbone
 

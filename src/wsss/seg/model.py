@@ -2,7 +2,8 @@
 
 The ASPP head is torchvision's own ``DeepLabHead``; the backbone is any registered one at output stride 16 (torchvision
 ships DeepLabV3 only on ResNet and MobileNetV3, so the head is put on our backbone rather than re-implemented). Logits
-are upsampled bilinearly to the input size.
+are upsampled bilinearly to the input size. The network is configured by ``seg.model``: the backbone settings of
+``model`` (initial weights, frozen BatchNorm) plus the ASPP rates.
 """
 
 from __future__ import annotations
@@ -12,17 +13,15 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.segmentation.deeplabv3 import ASPP, DeepLabHead
 
-from wsss.config.schema import ModelConfig, SegConfig
+from wsss.config.schema import SegModelConfig
 from wsss.models.backbones import build_backbone
 from wsss.models.classifier import BackboneModel
 
 
 class DeepLabV3(BackboneModel):
-    def __init__(self, cfg: SegConfig, num_classes: int, pretrained: bool | None = None):
-        mcfg = ModelConfig(backbone=cfg.backbone, output_stride=cfg.output_stride,
-                           pretrained=cfg.pretrained if pretrained is None else pretrained)
-        backbone = build_backbone(mcfg)
-        super().__init__(backbone, freeze_bn=True)
+    def __init__(self, cfg: SegModelConfig, num_classes: int):
+        backbone = build_backbone(cfg)
+        super().__init__(backbone, freeze_bn=cfg.freeze_bn)
         self.head = DeepLabHead(backbone.out_channels, num_classes)
         # torchvision's head is built for output stride 8 (rates 12/24/36); at stride 16 the paper uses 6/12/18
         self.head[0] = ASPP(backbone.out_channels, list(cfg.atrous_rates))
@@ -48,7 +47,8 @@ def _pooling_branch_groupnorm(aspp: ASPP, groups: int = 32) -> None:
             pooling[i] = nn.GroupNorm(min(groups, m.num_features), m.num_features)
 
 
-def seg_meta(cfg: SegConfig, classes) -> dict:
+def seg_meta(cfg: SegModelConfig, classes) -> dict:
+    """What a segmentation checkpoint must match to be loaded into the network ``seg.model`` builds."""
     return {"seg_backbone": cfg.backbone, "output_stride": cfg.output_stride, "classes": list(classes)}
 
 

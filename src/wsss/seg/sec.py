@@ -16,7 +16,8 @@ The network's softmax output ``f`` (B, C, h, w) over *all* mask classes is train
 Where we differ from the paper, and why:
 
 - The network is DeepLabV3 on a wsss backbone (the paper: DeepLab-LargeFOV, VGG16); its logits are resized to
-  ``1/output_stride`` of the crop (default 8, the paper's 41x41 for 321x321 crops) for all three losses.
+  ``1/loss_stride`` of the crop (``seg.sec.loss_stride``, default 8: the paper's 41x41 for 321x321 crops) for all
+  three losses, whatever the network's own output stride.
 - Cues come from our localization maps (any localizer) rather than the paper's own localization network. Each cue
   pixel gets one label, the best class above ``seed_threshold`` (the paper allows several cue labels per pixel).
   Background cues are pixels where every class map is below ``bg_cue_threshold`` (the paper: a saliency model);
@@ -38,7 +39,7 @@ import torch
 from torch.nn import functional as F
 
 from wsss.config.schema import CrfConfig
-from wsss.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from wsss.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 
 #: probabilities are clipped before logs (as the dense CRF's unary)
 EPS = 1e-5
@@ -133,13 +134,14 @@ class SecLosses:
     constrain: bool = True
     fg_decay: float = 0.996
     bg_decay: float = 0.999
-    output_stride: int = 8
+    #: the losses are computed at 1/loss_stride of the crop
+    loss_stride: int = 8
 
     def __call__(self, logits: torch.Tensor, cues: torch.Tensor, present: torch.Tensor, images: torch.Tensor):
         """``logits`` (B, C, h', w') at any resolution, ``cues`` (B, H, W) long at the crop's, ``present`` (B, C),
         ``images`` the normalised crops (B, 3, H, W). Returns (loss, parts)."""
         h, w = cues.shape[-2:]
-        size = (max(1, round(h / self.output_stride)), max(1, round(w / self.output_stride)))
+        size = (max(1, round(h / self.loss_stride)), max(1, round(w / self.loss_stride)))
         logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
         probs = logits.softmax(1)
         parts: dict[str, float] = {}
