@@ -26,6 +26,11 @@ What each format checks (and, unless ``write=False``, builds):
 Missing folders or annotation files raise :class:`~wsss.errors.DataError` before anything is written; missing or
 broken individual files raise it after the checks (and after building what could be built), naming the first few
 files at fault together with the report.
+
+Once the layout is sound, the report ends with the label check of the training split (:mod:`wsss.data.label_check`:
+per class, the share of training images labelled with it and its share of the pixels, and a warning naming the
+classes on nearly every image, which image-level labels cannot localize); VOC's is ``train_aug`` where it exists,
+COCO's each ``train*`` split. The thresholds are the defaults of the ``label_check`` config section.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from wsss.config.schema import DataConfig, LabelCheckConfig
 from wsss.data.io import image_size, load_mask, save_mask_png
-from wsss.data.readers import coco_spec
+from wsss.data.label_check import check_labels, format_check
+from wsss.data.readers import Sample, coco_spec, open_dataset
 from wsss.data.spec import VOC_SPEC, DatasetSpec, spec_from_json
 from wsss.errors import DataError
 from wsss.runs import atomic_write_text
@@ -117,6 +124,21 @@ def _check_masks(root: Path, ids: list[str], spec: DatasetSpec, problems: list[s
     return n
 
 
+def _label_check(samples, spec: DatasetSpec, load, split: str) -> list[str]:
+    """The label check's report lines; a mask it cannot read (prepare checks only a few, and keeps masks it finds)
+    is named, and the pixel shares are left out."""
+    c = LabelCheckConfig()
+    note = []
+    try:
+        record = check_labels(samples, spec, load, split=split, common_fraction=c.common_fraction,
+                              refuse_fraction=c.refuse_fraction)
+    except DataError as e:
+        note = [f"  warning: pixel shares not measured, a mask cannot be read: {e}"]
+        record = check_labels(samples, spec, None, split=split, common_fraction=c.common_fraction,
+                              refuse_fraction=c.refuse_fraction)
+    return ["  " + line for line in format_check(record)] + note
+
+
 # -- VOC / MSRC-21 ---------------------------------------------------------------------------------------------------
 def _prepare_voc(root: Path, write: bool, msrc: bool) -> str:
     howto = MSRC_HOWTO if msrc else VOC_HOWTO
@@ -184,6 +206,9 @@ def _prepare_voc(root: Path, write: bool, msrc: bool) -> str:
     if problems:
         raise DataError(f"{root}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems)
                         + "\n" + "\n".join(lines))
+    train = "train_aug" if (seg / "train_aug.txt").is_file() else "train"
+    reader = open_dataset(DataConfig(root=str(root)))  # the spec read above: dataset.json, else VOC's
+    lines += _label_check(reader.samples(train), reader.spec, reader.load_mask, train)
     lines.append("  ok")
     return "\n".join(lines)
 
@@ -304,13 +329,22 @@ def _prepare_coco(root: Path, write: bool) -> str:
         done = len(images) - len(todo)
         if not write:
             lines.append(f"    masks: {done} present, {len(todo)} to build (check only, nothing written)")
-            continue
-        palette = spec.palette_bytes()
-        for img in tqdm(todo, desc=f"masks {split}", unit="img", dynamic_ncols=True):
-            mask = coco_class_mask(img, anns_of[img["id"]], cat_to_idx, spec.ignore_index,
-                                   where=f"{json_path}, image {img['file_name']}")
-            save_mask_png(mask_dir / f"{Path(img['file_name']).stem}.png", mask, palette)
-        lines.append(f"    masks: {len(todo)} written, {done} already present, in {mask_dir}/")
+        else:
+            palette = spec.palette_bytes()
+            for img in tqdm(todo, desc=f"masks {split}", unit="img", dynamic_ncols=True):
+                mask = coco_class_mask(img, anns_of[img["id"]], cat_to_idx, spec.ignore_index,
+                                       where=f"{json_path}, image {img['file_name']}")
+                save_mask_png(mask_dir / f"{Path(img['file_name']).stem}.png", mask, palette)
+            lines.append(f"    masks: {len(todo)} written, {done} already present, in {mask_dir}/")
+        if split.startswith("train"):  # pixel shares from the masks that exist
+            samples = []
+            for img in images:
+                m = mask_dir / f"{Path(img['file_name']).stem}.png"
+                labels = {cat_to_idx[a["category_id"]] for a in anns_of[img["id"]] if not a.get("iscrowd", 0)}
+                samples.append(Sample(Path(img["file_name"]).stem, root / split / img["file_name"],
+                                      m if m.is_file() else None, tuple(sorted(labels))))
+            lines += _label_check(samples, spec, lambda s, spec=spec: load_mask(s.mask, spec.num_classes, spec.ignore_index),
+                                  split)
 
     if problems:
         raise DataError(f"{root}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems)

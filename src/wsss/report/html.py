@@ -6,9 +6,14 @@ The page holds, top to bottom:
 - the headline numbers of ``metrics.json`` as a table: per split the classifier mAP, the mIoU / class-average /
   pixel accuracy of the maps turned into masks, the mIoU of the pseudo masks as written, and the background
   threshold with the split it was chosen on;
-- per-class IoU as a horizontal bar chart (inline SVG): the pseudo masks, and the maps of the test split when scored;
+- the label check of the training split (wsss.data.label_check: classes on nearly every image, per-class image and
+  pixel shares) and the trivial baselines of every scored split (wsss.evaluation.baselines), whose best is also a
+  column of the headline table;
+- per-class IoU as a horizontal bar chart (inline SVG): the pseudo masks, and the maps of the test split when scored,
+  each bar with a dark tick at the best trivial baseline's IoU for that class on the bar's split;
 - the threshold sweep (inline SVG): mIoU against the threshold for every scored split, plus the fraction of
-  labelled pixels kept (coverage, dashed) when the dataset has no background class;
+  labelled pixels kept (coverage, dashed) when the dataset has no background class, and the best trivial baseline
+  of each split as a dotted horizontal reference line;
 - per image (the first N of the pseudo split, then of the test split when it has maps): the photo, the localization
   map of each of the image's classes as a heat overlay, the pseudo mask (for the test split: the maps turned into a
   mask by the same rule), the segmentation prediction (``pred/<split>/<id>.png``, once it exists) and the ground
@@ -38,6 +43,8 @@ from PIL import Image, UnidentifiedImageError
 
 from wsss.data.spec import DatasetSpec
 from wsss.errors import DataError, WsssError
+from wsss.evaluation.baselines import BASELINES, DESCRIPTIONS, LABELS
+from wsss.layout import MAPS, PSEUDO, RunLayout
 from wsss.runs import atomic_write_text
 
 log = logging.getLogger("wsss.report")
@@ -149,19 +156,23 @@ class ImageGroup:
 
 
 # -- charts -----------------------------------------------------------------------------------------------------------
-def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]]) -> str:
+def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]],
+                  references: dict[str, dict] | None = None, reference_label: str = "reference") -> str:
     """Horizontal per-class IoU bars. ``series``: (key, label, {class name: IoU in percent or None}); one bar per class
-    and series (none drawn for an undefined IoU, 'n/a' written instead)."""
+    and series (none drawn for an undefined IoU, 'n/a' written instead). ``references``: {series key: {class name:
+    IoU}}, drawn as a dark vertical line across that series' bar of each class (``reference_label`` in the legend)."""
     classes = list(classes)
+    references = {k: v for k, v in (references or {}).items() if v}
     n = max(len(series), 1)
     longest = max((len(c) for c in classes), default=4)
     label_w = int(min(220, max(70, 12 + 6.6 * longest)))
     bar_w, bh, gap, pad = 380, 12, 2, 8
     group_h = n * (bh + gap) - gap + pad
-    # legend: one line per series, so a long series name is never cut off at the chart's edge
-    top = 16 * len(series) + 16
+    # legend: one line per series (and one for the references), so a long name is never cut off at the chart's edge
+    legend_rows = len(series) + bool(references)
+    top = 16 * legend_rows + 16
     height = top + len(classes) * group_h + 38
-    longest_label = max((len(label) for _k, label, _ in series), default=0)
+    longest_label = max([len(label) for _k, label, _ in series] + [len(reference_label)] * bool(references), default=0)
     width = max(label_w + bar_w + 56, label_w + 17 + int(6.6 * longest_label) + 8)
     out = [f'<svg class="chart bars" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" aria-label="per-class IoU">']
@@ -170,6 +181,10 @@ def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]
         y = 8 + 16 * j
         out.append(f'<rect x="{label_w}" y="{y}" width="12" height="12" fill="{colour}"/>'
                    f'<text x="{label_w + 17}" y="{y + 10}" class="legend">{_e(label)}</text>')
+    if references:
+        y = 8 + 16 * len(series)
+        out.append(f'<line x1="{label_w + 6}" y1="{y - 1}" x2="{label_w + 6}" y2="{y + 13}" class="baseline"/>'
+                   f'<text x="{label_w + 17}" y="{y + 10}" class="legend">{_e(reference_label)}</text>')
     # grid
     y_end = top + len(classes) * group_h
     for t in range(0, 101, 20):
@@ -187,19 +202,28 @@ def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]
             y = y0 + j * (bh + gap)
             if v is None:
                 out.append(f'<text x="{label_w + 4}" y="{y + bh - 2}" class="value na">n/a</text>')
-                continue
-            w = bar_w * max(0.0, min(100.0, float(v))) / 100
-            out.append(f'<rect class="bar" data-series="{_e(key)}" data-class="{_e(name)}" x="{label_w}" y="{y}" '
-                       f'width="{w:.1f}" height="{bh}" fill="{colour}"><title>{_e(name)}, {_e(label)}: '
-                       f'{_num(v)}</title></rect>'
-                       f'<text x="{label_w + w + 4:.1f}" y="{y + bh - 2}" class="value">{_num(v, 1)}</text>')
+            else:
+                w = bar_w * max(0.0, min(100.0, float(v))) / 100
+                out.append(f'<rect class="bar" data-series="{_e(key)}" data-class="{_e(name)}" x="{label_w}" y="{y}" '
+                           f'width="{w:.1f}" height="{bh}" fill="{colour}"><title>{_e(name)}, {_e(label)}: '
+                           f'{_num(v)}</title></rect>'
+                           f'<text x="{label_w + w + 4:.1f}" y="{y + bh - 2}" class="value">{_num(v, 1)}</text>')
+            ref = references.get(key, {}).get(name)
+            if ref is not None:  # drawn over the bar
+                rx = label_w + bar_w * max(0.0, min(100.0, float(ref))) / 100
+                out.append(f'<line class="baseline" data-series="{_e(key)}" data-class="{_e(name)}" x1="{rx:.1f}" '
+                           f'y1="{y - 1}" x2="{rx:.1f}" y2="{y + bh + 1}"><title>{_e(name)}, {_e(reference_label)}: '
+                           f'{_num(ref)}</title></line>')
     out.append("</svg>")
     return "".join(out)
 
 
 def sweep_chart_svg(sweeps: dict[str, list[dict]], coverage: bool, chosen: float | None = None,
-                    x_label: str = "threshold") -> str:
-    """mIoU (solid) and, with ``coverage``, the coverage (dashed) against the threshold, one colour per split."""
+                    x_label: str = "threshold", references: dict[str, float] | None = None,
+                    reference_label: str = "reference") -> str:
+    """mIoU (solid) and, with ``coverage``, the coverage (dashed) against the threshold, one colour per split.
+    ``references``: {split: mIoU}, drawn as a horizontal dotted line in the split's colour (``reference_label``)."""
+    references = {k: v for k, v in (references or {}).items() if v is not None and k in sweeps}
     width, height = 660, 300
     ml, mr, mt, mb = 48, 20, 16, 46
     pw, ph = width - ml - mr, height - mt - mb
@@ -209,6 +233,7 @@ def sweep_chart_svg(sweeps: dict[str, list[dict]], coverage: bool, chosen: float
         x1 = x0 + 1
     keys = ["miou"] + (["coverage"] if coverage else [])
     vals = [r[k] for rows in sweeps.values() for r in rows for k in keys if r.get(k) is not None]
+    vals += list(references.values())
     top_val = min(100.0, max(vals, default=10.0))
     step = next(st for st in (2, 5, 10, 20, 25) if top_val / st <= 6)
     ymax = max(step, math.ceil(top_val / step) * step)
@@ -255,6 +280,13 @@ def sweep_chart_svg(sweeps: dict[str, list[dict]], coverage: bool, chosen: float
             style = "dashed" if dash else "solid"
             legend.append(f'<span><span class="line-swatch" style="border-top: 2px {style} {colour}"></span>'
                           f"{_e(split)} {'mIoU' if key == 'miou' else 'coverage'}</span>")
+        ref = references.get(split)
+        if ref is not None:
+            out.append(f'<line class="baseline" data-split="{_e(split)}" x1="{ml}" y1="{py(ref):.1f}" x2="{ml + pw}" '
+                       f'y2="{py(ref):.1f}" stroke="{colour}" stroke-width="1.5" stroke-dasharray="2 3">'
+                       f"<title>{_e(split)} {_e(reference_label)}: {_num(ref)}</title></line>")
+            legend.append(f'<span><span class="line-swatch" style="border-top: 2px dotted {colour}"></span>'
+                          f"{_e(split)} {_e(reference_label)} ({_num(ref, 1)})</span>")
     out.append("</svg>")
     return '<div class="legendbar">' + "".join(legend) + "</div>" + "".join(out)
 
@@ -278,10 +310,13 @@ table.metrics th:first-child, table.metrics td:first-child { text-align: left; }
 table.metrics thead th { background: var(--panel); font-weight: 600; }
 table.metrics tr.pseudo td, table.metrics tr.seg td { font-weight: 600; }
 table.metrics td .note { font-weight: 400; font-size: 12px; }
+table.metrics td.below { color: #a33; }
+table.metrics td.best { font-weight: 600; }
 svg.chart { display: block; max-width: 100%; height: auto; font-size: 12px; }
 svg .grid { stroke: #e6e9ec; stroke-width: 1; }
 svg .axis { stroke: #8a96a1; stroke-width: 1; }
 svg .chosen { stroke: #555; stroke-width: 1.2; stroke-dasharray: 3 3; }
+svg.bars .baseline { stroke: #1d2329; stroke-width: 2; }
 svg text { fill: var(--fg); }
 svg .tick, svg .value { fill: var(--muted); font-size: 11px; }
 svg .na { font-style: italic; }
@@ -329,18 +364,49 @@ SCRIPT = """
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
 
+def _baselines_of(metrics: dict, split: str | None) -> dict | None:
+    """The trivial baselines of ``split`` in metrics.json (wsss.evaluation.baselines), if scored."""
+    return ((metrics.get("baselines") or {}).get("splits") or {}).get(split) if split else None
+
+
+def _best_baseline(metrics: dict, split: str | None) -> tuple[str, dict] | None:
+    b = _baselines_of(metrics, split)
+    if not b or not b.get("best") or not isinstance(b.get(b["best"]), dict):
+        return None
+    return b["best"], b[b["best"]]
+
+
+def _baseline_cell(metrics: dict, split: str | None, miou) -> str:
+    """The headline table's cell beside a score: the best trivial baseline of its split, marked when above it."""
+    best = _best_baseline(metrics, split)
+    if best is None:
+        return "<td></td>"
+    name, scores = best
+    v = scores.get("miou")
+    below = miou is not None and v is not None and miou < v
+    text = f"{_num(v)}{' (the score is below it)' if below else ''}"
+    return (f'<td class="vs-baseline{" below" if below else ""}">{_e(text)}<br><span class="note">'
+            f"{_e(LABELS.get(name, name))}</span></td>")
+
+
 def _headline(metrics: dict) -> str:
+    with_baselines = bool((metrics.get("baselines") or {}).get("splits"))
+
+    def vs(split, miou) -> str:
+        return _baseline_cell(metrics, split, miou) if with_baselines else ""
+
     rows = []
     for split, s in metrics.get("splits", {}).items():
         m = s.get("maps") or {}
         rows.append(f'<tr data-split="{_e(split)}"><td>{_e(split)}</td><td>{_num(s.get("images"))}</td>'
                     f'<td>{_num((s.get("classifier") or {}).get("mAP"))}</td><td>{_num(m.get("miou"))}</td>'
-                    f'<td>{_num(m.get("class_avg_acc"))}</td><td>{_num(m.get("pixel_acc"))}</td></tr>')
+                    f'<td>{_num(m.get("class_avg_acc"))}</td><td>{_num(m.get("pixel_acc"))}</td>'
+                    f'{vs(split, m.get("miou")) if m else vs(None, None)}</tr>')
     p = metrics.get("pseudo")
     if p:
         rows.append(f'<tr class="pseudo"><td>pseudo masks ({_e(p.get("split"))})</td><td></td><td></td>'
                     f'<td>{_num(p.get("miou"))}</td><td>{_num(p.get("class_avg_acc"))}</td>'
-                    f'<td>{_num(p.get("pixel_acc"))}</td></tr>')
+                    f'<td>{_num(p.get("pixel_acc"))}</td>{vs(p.get("split"), p.get("miou"))}</tr>')
     g = metrics.get("seg")
     if g:
         what = ", ".join(str(x) for x in (g.get("backbone"), f"trained on {g['masks']} masks" if g.get("masks") else None)
@@ -348,9 +414,10 @@ def _headline(metrics: dict) -> str:
         rows.append(f'<tr class="seg"><td>segmentation network ({_e(g.get("split"))})'
                     f'{"<br><span class=note>" + _e(what) + "</span>" if what else ""}</td><td></td><td></td>'
                     f'<td>{_num(g.get("miou"))}</td><td>{_num(g.get("class_avg_acc"))}</td>'
-                    f'<td>{_num(g.get("pixel_acc"))}</td></tr>')
+                    f'<td>{_num(g.get("pixel_acc"))}</td>{vs(g.get("split"), g.get("miou"))}</tr>')
     table = ('<table class="metrics"><thead><tr><th>split</th><th>images</th><th>classifier mAP</th>'
-             '<th>map mIoU</th><th>class-avg acc</th><th>pixel acc</th></tr></thead><tbody>'
+             '<th>map mIoU</th><th>class-avg acc</th><th>pixel acc</th>'
+             + ("<th>best trivial baseline (mIoU)</th>" if with_baselines else "") + "</tr></thead><tbody>"
              + "".join(rows) + "</tbody></table>")
     sel = metrics.get("selection") or {}
     if sel.get("bg_threshold") is not None:
@@ -384,6 +451,60 @@ def _headline(metrics: dict) -> str:
     return table + "".join(notes)
 
 
+def _label_check_of(metrics: dict) -> dict | None:
+    for record in (metrics.get("stages") or {}).values():
+        if isinstance(record, dict) and isinstance(record.get("label_check"), dict):
+            return record["label_check"]
+    return None
+
+
+def _data_checks(metrics: dict) -> str:
+    """The label check of the training split and the trivial baselines of every scored split."""
+    out = []
+    check = _label_check_of(metrics)
+    if check:
+        out.append("<h2>Label check</h2>")
+        masks = f", pixel shares from {check.get('masks')} masks" if check.get("masks") else ""
+        verdict = check.get("verdict")
+        if check.get("message"):
+            out.append(f'<p class="warn label-check" data-verdict="{_e(verdict)}">{_e(check["message"])}</p>')
+        else:
+            out.append(f'<p class="note label-check" data-verdict="{_e(verdict)}">Passed: no class is labelled on '
+                       f"{_e(_num(100 * check.get('common_fraction', 0.9), 1))}% or more of the training images, so "
+                       "image-level labels can tell where each class is by contrast.</p>")
+        common = set(check.get("common") or ())
+        rows = "".join(
+            f'<tr data-class="{_e(n)}"{" class=common" if n in common else ""}><td>{_e(n)}</td>'
+            f"<td>{_num(v.get('images'), 1)}</td><td>{_num(v.get('pixels'), 1)}</td></tr>"
+            for n, v in (check.get("classes") or {}).items())
+        out.append(f'<details{" open" if common else ""}><summary>per class: share of the {_e(check.get("images"))} '
+                   f"training images (split {_e(check.get('split'))}) labelled with it{_e(masks)}</summary>"
+                   '<table class="metrics label-check"><thead><tr><th>class</th><th>images (%)</th><th>pixels (%)</th>'
+                   f"</tr></thead><tbody>{rows}</tbody></table></details>")
+    b = metrics.get("baselines") or {}
+    splits = b.get("splits") or {}
+    if splits:
+        out.append("<h2>Trivial baselines</h2>")
+        names = [n for n in BASELINES if any(isinstance(v.get(n), dict) for v in splits.values())]
+        head = "".join(f"<th>{_e(sp)}</th>" for sp in splits)
+        rows = []
+        for n in names:
+            cells = "".join(
+                f'<td{" class=best" if v.get("best") == n else ""}>{_num((v.get(n) or {}).get("miou"))}</td>'
+                for v in splits.values())
+            rows.append(f'<tr class="baseline" data-baseline="{_e(n)}"><td>{_e(LABELS.get(n, n))}</td>{cells}</tr>')
+        out.append(f'<table class="metrics baselines"><thead><tr><th>baseline (mIoU)</th>{head}</tr></thead><tbody>'
+                   + "".join(rows) + "</tbody></table>")
+        t = b.get("training") or {}
+        about = "; ".join(f"<b>{_e(LABELS.get(n, n))}</b>: {_e(DESCRIPTIONS.get(n, ''))}" for n in names)
+        out.append(f'<p class="note">Predictors that never look at the pixels, scored like everything else on the same '
+                   f"splits. {about}. Statistics from split {_e(t.get('split'))} ({_e(t.get('images'))} images, class "
+                   f"frequency from {_e(t.get('frequency_from'))}; most frequent class: {_e(t.get('most_frequent'))}). "
+                   "Bold: the best of the image-label baselines on each split, drawn as the reference line in the charts "
+                   "below; a score under it learned less than a rule that ignores the image.</p>")
+    return "".join(out)
+
+
 def _charts(metrics: dict, spec: DatasetSpec | None, test_split: str | None) -> str:
     out = []
     series = []
@@ -402,7 +523,16 @@ def _charts(metrics: dict, spec: DatasetSpec | None, test_split: str | None) -> 
     out.append("<h2>Per-class IoU</h2>")
     if series:
         classes = list(spec.classes) if spec else list(dict.fromkeys(k for _, _, v in series for k in v))
-        out.append(bar_chart_svg(classes, series))
+        series_split = {"pseudo": (p or {}).get("split"), "test": test_split, "seg": (g or {}).get("split")}
+        refs = {}
+        for key, _label, _values in series:
+            best = _best_baseline(metrics, series_split.get(key))
+            if best:
+                refs[key] = {k: v.get("iou") for k, v in (best[1].get("per_class") or {}).items()}
+        out.append(bar_chart_svg(classes, series, refs, "best trivial baseline of the bar's split"))
+        if refs:
+            out.append('<p class="note">Dark tick on each bar: the IoU of that class under the best trivial baseline '
+                       "of the bar's split.</p>")
     else:
         out.append('<p class="note">No per-class scores (no ground truth for the scored splits).</p>')
     sweeps = {s: v["sweep"] for s, v in splits.items() if v.get("sweep")}
@@ -412,7 +542,9 @@ def _charts(metrics: dict, spec: DatasetSpec | None, test_split: str | None) -> 
         has_bg = (spec.background is not None) if spec else sel.get("bg_threshold") is not None
         coverage = not has_bg
         label = "background threshold" if has_bg else "confidence threshold (pixels below it are ignored)"
-        out.append(sweep_chart_svg(sweeps, coverage=coverage, chosen=sel.get("bg_threshold"), x_label=label))
+        refs = {sp: best[1].get("miou") for sp in sweeps if (best := _best_baseline(metrics, sp))}
+        out.append(sweep_chart_svg(sweeps, coverage=coverage, chosen=sel.get("bg_threshold"), x_label=label,
+                                   references=refs, reference_label="best trivial baseline"))
         if coverage:
             out.append('<p class="note">Solid: mIoU; dashed: coverage, the share of labelled pixels that keep a '
                        "label at that threshold.</p>")
@@ -479,6 +611,7 @@ def render_report(metrics: dict, spec: DatasetSpec | None = None, groups: Sequen
         f'<p class="sub">{_e(" · ".join(s for s in sub if s))}</p>',
         "<h2>Headline numbers</h2>",
         _headline(metrics),
+        _data_checks(metrics),
         _charts(metrics, spec, test_split),
         _images(groups, spec, note),
     ]
@@ -516,7 +649,7 @@ def _mask_tile(caption: str, source, spec: DatasetSpec, size: tuple[int, int]) -
     return Tile(caption, _mask_uri(source, spec, size), size=size, mask=True)
 
 
-def _image_row(s, split: str, reader, run_dir: Path, bg_threshold, pseudo_split: str) -> ImageRow:
+def _image_row(s, split: str, reader, layout: RunLayout, bg_threshold, pseudo_split: str) -> ImageRow:
     from wsss.data.io import load_image
     from wsss.localize import load_maps
     from wsss.pseudo import pseudo_mask
@@ -525,7 +658,7 @@ def _image_row(s, split: str, reader, run_dir: Path, bg_threshold, pseudo_split:
     row = ImageRow(s.id, [spec.classes[c] for c in (s.labels or ()) if 0 <= c < spec.num_classes])
     try:
         photo = load_image(s.image)
-        maps = load_maps(run_dir / "maps" / split / f"{s.id}.npz")
+        maps = load_maps(layout.map_file(split, s.id))
     except DataError as e:
         row.error = str(e)
         return row
@@ -542,7 +675,7 @@ def _image_row(s, split: str, reader, run_dir: Path, bg_threshold, pseudo_split:
         heat = overlay(small, _resize_map(maps["maps"][k], size))
         row.tiles.append(Tile(caption, _data_uri(Image.fromarray(heat), "JPEG"), size=size))
     # pseudo mask as written; for other splits the maps turned into a mask by the same rule as in evaluation
-    png = run_dir / "pseudo" / split / f"{s.id}.png"
+    png = layout.pseudo_mask(split, s.id)
     try:
         if split == pseudo_split and png.is_file():
             row.tiles.append(_mask_tile("pseudo mask", _read_index_png(png), spec, size))
@@ -553,14 +686,14 @@ def _image_row(s, split: str, reader, run_dir: Path, bg_threshold, pseudo_split:
             row.tiles.append(_mask_tile("mask from maps", mask, spec, size))
     except DataError as e:
         row.tiles.append(Tile("pseudo mask", note=str(e), size=size))
-    pred_dir = run_dir / "pred" / split
-    if not pred_dir.is_dir():
+    pred = layout.prediction(split, s.id)
+    if not pred.parent.is_dir():
         row.tiles.append(Tile("prediction", note="no prediction yet", size=size))
-    elif not (pred_dir / f"{s.id}.png").is_file():
+    elif not pred.is_file():
         row.tiles.append(Tile("prediction", note="no prediction for this image", size=size))
     else:
         try:
-            row.tiles.append(_mask_tile("prediction", _read_index_png(pred_dir / f"{s.id}.png"), spec, size))
+            row.tiles.append(_mask_tile("prediction", _read_index_png(pred), spec, size))
         except DataError as e:
             row.tiles.append(Tile("prediction", note=str(e), size=size))
     if s.mask is None:
@@ -578,7 +711,7 @@ def _split_name(cfg, role: str) -> str:
     return names.get(role) or role
 
 
-def _collect(run_dir: Path, cfg, metrics: dict, n_images: int):
+def _collect(layout: RunLayout, cfg, metrics: dict, n_images: int):
     """(spec, image groups, note) for the page; the dataset is only read here."""
     from wsss.data.readers import open_dataset
 
@@ -589,18 +722,18 @@ def _collect(run_dir: Path, cfg, metrics: dict, n_images: int):
     pseudo_split = (metrics.get("pseudo") or {}).get("split")
     if pseudo_split is None:
         try:
-            pseudo_split = json.loads((run_dir / "pseudo" / "stage.json").read_text()).get("split")
+            pseudo_split = json.loads(layout.stage_record(PSEUDO).read_text()).get("split")
         except (OSError, ValueError):
             pass
     pseudo_split = pseudo_split or _split_name(cfg, cfg.pseudo.split)
     splits = [(pseudo_split, f"{pseudo_split} (pseudo-mask split)")]
     test = cfg.data.test_split
-    if test and test != pseudo_split and (run_dir / "maps" / test).is_dir():
+    if test and test != pseudo_split and layout.split(MAPS, test).is_dir():
         splits.append((test, f"{test} (test split)"))
     bg = (metrics.get("selection") or {}).get("bg_threshold")
     groups = []
     for split, title in splits:
-        maps_dir = run_dir / "maps" / split
+        maps_dir = layout.split(MAPS, split)
         group = ImageGroup(split, title, 0)
         groups.append(group)
         if not maps_dir.is_dir():
@@ -612,7 +745,7 @@ def _collect(run_dir: Path, cfg, metrics: dict, n_images: int):
             group.note = str(e)
             continue
         group.total = len(samples)
-        group.rows = [_image_row(s, split, reader, run_dir, bg, pseudo_split) for s in samples[: max(0, n_images)]]
+        group.rows = [_image_row(s, split, reader, layout, bg, pseudo_split) for s in samples[: max(0, n_images)]]
     return reader.spec, groups, None
 
 
@@ -621,7 +754,8 @@ def write_report(run_dir: Path, n_images: int = 12) -> Path:
     from wsss.config import load_config
 
     run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.json"
+    layout = RunLayout(run_dir)
+    metrics_path = layout.metrics
     if not metrics_path.is_file():
         raise DataError(f"{metrics_path} does not exist: run `wsss run CONFIG` (or `wsss eval CONFIG`) for this run "
                         "first")
@@ -629,14 +763,14 @@ def write_report(run_dir: Path, n_images: int = 12) -> Path:
         metrics = json.loads(metrics_path.read_text())
     except ValueError as e:
         raise DataError(f"{metrics_path}: not valid JSON ({e}); rerun `wsss eval`") from None
-    config_path = run_dir / "config.yaml"
+    config_path = layout.config
     if not config_path.is_file():
         raise DataError(f"{config_path} does not exist; is {run_dir} a run directory (runs/<name>)?")
     cfg = load_config(config_path)
-    spec, groups, note = _collect(run_dir, cfg, metrics, n_images)
+    spec, groups, note = _collect(layout, cfg, metrics, n_images)
     page = render_report(metrics, spec, groups, test_split=cfg.data.test_split, config_text=config_path.read_text(),
                          note=note)
-    out = run_dir / "report" / "index.html"
+    out = layout.report
     atomic_write_text(out, page)
     out.chmod(0o644)  # a page to share: readable like any other file, not private like the temporary file was
     log.info("report: %s", out)

@@ -42,6 +42,16 @@ class RunContext:
     def spec(self) -> DatasetSpec:
         return self.reader.spec
 
+    @cached_property
+    def label_check(self) -> dict:
+        """The label check of the training split (:func:`wsss.data.label_check.check_labels`), computed once."""
+        from wsss.data.label_check import check_labels
+
+        split = self.split_name("train")
+        c = self.cfg.label_check
+        return check_labels(self.reader.samples(split), self.spec, self.reader.load_mask, split=split,
+                            common_fraction=c.common_fraction, refuse_fraction=c.refuse_fraction, force=c.force)
+
     def split_name(self, split: str) -> str:
         """Maps a role (train / val / test) to the dataset's split name (data.<role>_split)."""
         names = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split, "test": self.cfg.data.test_split}

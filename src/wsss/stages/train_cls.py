@@ -1,8 +1,10 @@
 """Stage 1: train the classifier of ``method.name`` on images and image-level labels -> ``cls/model.pt``.
 
-``check`` runs before anything is trained: the training split has labelled images and every one of them decodes
-(a corrupt file fails in seconds, naming every bad file, rather than hours later inside a loader worker), and the
-backbone's initial weights are there. Training itself is the shared loop (:mod:`wsss.engine.train`): checkpoints
+``check`` runs before anything is trained: the training split has labelled images, its labels can localize its
+classes (the label check of :mod:`wsss.data.label_check`: classes on nearly every image are warned about, a split
+where most classes are refuses unless ``label_check.force``; the record goes into ``stage.json``), every image
+decodes (a corrupt file fails in seconds, naming every bad file, rather than hours later inside a loader worker),
+and the backbone's initial weights are there. Training itself is the shared loop (:mod:`wsss.engine.train`): checkpoints
 every epoch, resume, devices, precision.
 """
 
@@ -47,8 +49,20 @@ def training_samples(ctx: RunContext):
     return samples, skipped
 
 
+def check_label_spread(ctx: RunContext) -> dict:
+    """The label check (:mod:`wsss.data.label_check`): warns naming the classes present in nearly every training
+    image; refuses (DataError) when most classes are, unless ``label_check.force``. Returns the record."""
+    record = ctx.label_check
+    if record["verdict"] == "refuse":
+        raise DataError(record["message"])
+    if record["message"]:
+        log.warning("%s", record["message"])
+    return record
+
+
 def check(ctx: RunContext) -> None:
     samples, _ = training_samples(ctx)
+    check_label_spread(ctx)
     check_images(samples, f"split '{ctx.split_name('train')}'")
     check_weights(ctx.cfg.model)
 
@@ -73,7 +87,7 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     samples, skipped = training_samples(ctx)
     log.info("cls: training %s/%s on %d images (%d skipped: empty label set)", ctx.cfg.method.name,
              ctx.cfg.model.backbone, len(samples), len(skipped))
-    return train_classifier(ctx, samples, stage.dir, skipped)
+    return {**train_classifier(ctx, samples, stage.dir, skipped), "label_check": ctx.label_check}
 
 
-__all__ = ["check", "check_images", "compute", "train_classifier", "training_samples"]
+__all__ = ["check", "check_images", "check_label_spread", "compute", "train_classifier", "training_samples"]
