@@ -18,8 +18,16 @@ A refiner is a subclass of :class:`Refiner` registered in :data:`REFINERS` (its 
 - ``sections``: the top-level config sections it reads (the CRF's ``crf`` kernels, which ``seg.crf_postprocess``
   shares); with its options they are what it keys the pseudo stage on (:meth:`Refiner.key`);
 - optionally ``check`` (against the dataset, before anything runs), ``prepare`` (build what ``refine`` needs),
-  ``workers`` (processes over images), ``chooses`` / ``choose`` (a setting chosen on the selection split) and
-  ``info`` (what it records).
+  ``workers`` (processes over images), ``chooses`` / ``choose`` (a setting chosen on the selection split),
+  ``info`` (what it records) and ``stages`` (see below).
+
+**Stages a refiner needs** (e.g. a network trained on the run's maps, :mod:`wsss.refine.affinity`):
+:meth:`Refiner.stages` returns :class:`~wsss.stages.declare.StageDecl` s. The pipeline
+(:mod:`wsss.stages.pipeline`) inserts them after ``maps`` and adds their names to the pseudo stage's inputs, so they
+are cached, resumable stages with their own keys (their own folder, ``runs/<name>/<stage name>/``, a name unique in
+the run), computed before the pseudo stage and checked before anything runs, and the pseudo stage's key includes
+theirs. :meth:`Refiner.prepare` receives them, complete, by name, and reads what they wrote from their folders.
+Nothing else in the stages knows about them.
 
 :meth:`Refiner.__call__` is the one place that enforces the contract (maps keep their shape, a mask is an image-
 sized uint8 array), so a refiner only says how it refines.
@@ -30,17 +38,22 @@ from __future__ import annotations
 import collections
 import dataclasses
 import multiprocessing
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from wsss.config.typed import build, to_dict
 from wsss.data.io import load_image
 from wsss.data.spec import DatasetSpec
 from wsss.errors import ConfigError, DataError
 from wsss.pseudo import pseudo_mask
 from wsss.registry import Registry
+
+if TYPE_CHECKING:
+    from wsss.runs import Stage
+    from wsss.stages.declare import StageDecl
 
 #: the kinds of data a refiner takes and gives
 MAPS, MASK = "maps", "mask"
@@ -126,13 +139,12 @@ class Refiner:
     def __init__(self, options: dict[str, Any] | None, cfg: Any, given: str = MAPS):
         """``cfg``: the run's :class:`~wsss.config.schema.Config` (for the shared ``sections``); ``given``: the kind
         of input this refiner gets in its chain."""
-        from wsss.config.load import _build  # here: wsss.config.load may import this package while it loads
 
         self.cfg = cfg
         self.given = given
         valid = [f.name for f in dataclasses.fields(self.Options)]
         try:
-            self.options = _build(self.Options, dict(options or {}), f"pseudo.options.{self.name}")
+            self.options = build(self.Options, dict(options or {}), f"pseudo.options.{self.name}")
         except ConfigError as e:
             raise ConfigError(f"{e} (refiner '{self.name}' takes: {', '.join(valid) or 'no options'})") from None
 
@@ -148,9 +160,15 @@ class Refiner:
         """Before anything runs (the classifier may take hours): raise :class:`ConfigError` / :class:`DataError`
         when this refiner could not succeed on the run's dataset (``ctx``: the :class:`RunContext`)."""
 
-    def prepare(self, ctx: Any) -> None:
-        """Build what :meth:`refine` needs (e.g. a saliency model), in the process that computes, after
-        :meth:`check` has passed."""
+    def stages(self) -> list[StageDecl]:
+        """Cached stages this refiner needs before the pseudo stage (e.g. training a network on the run's maps); see
+        the module docstring. Their names must be unique in the run; their inputs are earlier stages (``cls``,
+        ``maps``). Default: none."""
+        return []
+
+    def prepare(self, ctx: Any, stages: Mapping[str, Stage]) -> None:
+        """Build what :meth:`refine` needs (e.g. a saliency model, a trained network), in the process that computes,
+        after :meth:`check` has passed. ``stages``: the complete stages of :meth:`stages`, by name."""
 
     def workers(self) -> int:
         """Worker processes over images from this refiner on (0 = the main process). The refiners from the first
@@ -174,7 +192,6 @@ class Refiner:
 
     def key(self) -> dict:
         """The settings that change this refiner's output: its options and the config sections it reads."""
-        from wsss.config.load import to_dict
 
         return {"options": to_dict(self.options), **{s: to_dict(getattr(self.cfg, s)) for s in self.sections}}
 
@@ -233,7 +250,6 @@ def resolve_refiners(cfg: Any) -> None:
     plain dicts) of every refiner of the chain; options of registered refiners outside the chain are dropped, so a
     chain can be shortened by an override. Raises :class:`ConfigError`. Cheap (builds no model, opens no dataset)
     and idempotent."""
-    from wsss.config.load import to_dict
 
     cfg.pseudo.options = {r.name: to_dict(r.options) for r in build_chain(cfg)}
 

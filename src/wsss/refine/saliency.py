@@ -133,7 +133,7 @@ class SaliencyFusion(Refiner):
         splits = dict.fromkeys(map(ctx.split_name, roles))
         build_source(sal).check([s for split in splits for s in ctx.reader.samples(split)])
 
-    def prepare(self, ctx: Any) -> None:
+    def prepare(self, ctx: Any, stages: Any) -> None:
         self.source = build_source(self.cfg.saliency)
 
     def chooses(self) -> str | None:
