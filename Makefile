@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.wsss-installed
 DATA   ?= ../shared/data/msrc21
 # a root with a dataset.json (MSRC-21 layout) runs the MSRC config; a plain VOC root runs the VOC config
 DEMO_CONFIG ?= $(if $(wildcard $(DATA)/dataset.json),configs/msrc21.yaml,configs/voc12.yaml)
+# settings passed through to `wsss run`, e.g. make demo ARGS="train.epochs=5 data.limit=100"
+ARGS ?=
 
 .PHONY: demo test venv bench clean-venv
 
@@ -26,7 +28,7 @@ demo: $(STAMP)
 	  echo "No dataset at $(DATA)."; \
 	  echo "Point DATA= at a dataset root (MSRC-21 or PASCAL VOC layout), e.g. make demo DATA=/data/VOCdevkit/VOC2012"; \
 	  echo "See README.md, section 'Data', for where to get one."; exit 2; fi
-	$(VENV)/bin/wsss run $(DEMO_CONFIG) data.root=$(DATA) name=demo
+	$(VENV)/bin/wsss run $(DEMO_CONFIG) data.root=$(DATA) name=demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

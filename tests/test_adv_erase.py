@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from wsss.cli import main
-from wsss.config import load_config
 from wsss.data.datasets import ClassificationDataset, InferenceDataset
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec

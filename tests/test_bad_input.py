@@ -11,6 +11,7 @@ from wsss.config.schema import DataConfig
 from wsss.data.io import load_image, load_mask
 from wsss.data.readers import open_dataset
 from wsss.errors import ConfigError, DataError
+from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
 from wsss.stages.pipeline import run_stage
 
@@ -29,23 +30,28 @@ def test_truncated_image_named_before_training(fast_cfg, toy_root):
     assert f"{i}.jpg" in str(e.value) and "truncated" in str(e.value)
 
 
-def test_corrupt_image_in_maps_keeps_the_other_maps(fast_cfg, toy_root):
+def test_corrupt_test_image_named_before_any_map_and_extraction_keeps_the_other_maps(fast_cfg, toy_root):
     ctx = RunContext(fast_cfg(**{"train.epochs": 1, "maps.splits": "[train, test]"}))
     run_stage(ctx, "cls")
     bad = _first_id(toy_root, "test")
     (toy_root / "JPEGImages" / f"{bad}.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
-    with pytest.raises(DataError) as e:
+    with pytest.raises(DataError) as e:  # the maps stage's check decodes every image before any map is made
         run_stage(ctx, "maps")
     assert f"{bad}.jpg" in str(e.value)
-    test_ids = (toy_root / "ImageSets" / "Segmentation" / "test.txt").read_text().split()
-    saved = sorted(p.stem for p in (ctx.run_dir / "maps" / "test").glob("*.npz"))
-    assert saved == sorted(set(test_ids) - {bad})
-    assert len(list((ctx.run_dir / "maps" / "train").glob("*.npz"))) == 8
+    assert not list((ctx.run_dir / "maps").rglob("*.npz"))
+
+    # a file that breaks during the extraction itself: the other maps are kept, the bad one is named
+    model = maps_stage.inference_model(ctx, ctx.run_dir / "cls" / "model.pt")
+    out = ctx.run_dir / "scratch"
+    samples = ctx.reader.samples("test")
+    with pytest.raises(DataError) as e:
+        maps_stage.extract(ctx, model, samples, out, "gt")
+    assert f"{bad}.jpg" in str(e.value)
+    assert sorted(p.stem for p in out.glob("*.npz")) == sorted({s.id for s in samples} - {bad})
     # fixing the file and rerunning computes only the missing map
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(toy_root / "JPEGImages" / f"{bad}.jpg")
-    before = {p: p.stat().st_mtime_ns for p in (ctx.run_dir / "maps" / "test").glob("*.npz")}
-    stage = run_stage(ctx, "maps")
-    assert stage.complete and stage.info()["splits"]["test"]["computed"] == 1
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*.npz")}
+    assert maps_stage.extract(ctx, model, samples, out, "gt")["computed"] == 1
     assert all(p.stat().st_mtime_ns == t for p, t in before.items())
 
 

@@ -172,31 +172,27 @@ def test_a_bad_method_option_fails_that_method_with_its_option_list(bench):
 
 
 def test_multi_round_runs_count_every_round_and_carry_the_round_report(tmp_path):
-    """A run laid out as Adversarial Erasing writes it (constructed files): time of every round listed in
-    cls_rounds.json, mining between rounds included, a stale round folder of an earlier config ignored."""
+    """A run laid out as Adversarial Erasing writes it (constructed metrics.json): the time of every round's
+    classifier and of the mining between rounds is counted, and the round records are carried."""
     d = tmp_path / "run"
-
-    def write(rel, obj):
-        (d / rel).parent.mkdir(parents=True, exist_ok=True)
-        (d / rel).write_text(json.dumps(obj))
-
-    write("metrics.json", {"splits": {"train": {"maps": {"miou": 40.0}}, "test": {"classifier": {"mAP": 80.0}}},
-                           "pseudo": {"split": "train", "miou": 45.0},
-                           "timing": {"maps": {"train": {"seconds": 3.0}, "test": {"seconds": 2.0}}}})
-    write("cls/summary.json", {"history": [{"seconds": 10.0}, {"seconds": 12.0}]})
-    write("cls/mined/stage.json", {"seconds": 1.5})
-    write("cls_r2/summary.json", {"history": [{"seconds": 14.0}, {"seconds": 16.0}]})
-    write("cls_r2/mined/stage.json", {"seconds": 2.5})
-    write("cls_r3/summary.json", {"history": [{"seconds": 1000.0}]})  # stale: not in the report
-    rounds = {"method": "adv_erase", "rounds": [{"round": 1, "stage": "cls"}, {"round": 2, "stage": "cls_r2"}]}
-    write("cls_rounds.json", rounds)
+    d.mkdir()
+    stages = {"cls": {"role": "classifier", "round": 1, "epochs": 2, "train_seconds": 22.0, "key": "a"},
+              "mined_r1": {"role": "mining", "round": 1, "stage_seconds": 1.5},
+              "cls_r2": {"role": "classifier", "round": 2, "epochs": 2, "train_seconds": 30.0},
+              "mined_r2": {"role": "mining", "round": 2, "stage_seconds": 2.5},
+              "maps": {"splits": {}}, "pseudo": {"seconds": 4.0}}
+    (d / "metrics.json").write_text(json.dumps({
+        "splits": {"train": {"maps": {"miou": 40.0}}, "test": {"classifier": {"mAP": 80.0}}},
+        "pseudo": {"split": "train", "miou": 45.0},
+        "timing": {"maps": {"train": {"seconds": 3.0}, "test": {"seconds": 2.0}}}, "stages": stages}))
     v = run_values(d, load_config(None, []))
     assert v["train_seconds"] == 52.0 and v["epochs"] == 4 and v["classifiers"] == 2
     assert v["epoch_seconds"] == 13.0
-    assert v["wall_seconds"] == 52.0 + 4.0 + 5.0
+    assert v["wall_seconds"] == 52.0 + 4.0 + 5.0 and v["crf_seconds"] == 4.0
     assert (v["map_miou_train"], v["cls_map_test"], v["pseudo_miou_train"], v["map_miou_test"]) == (40, 80, 45, None)
-    assert run_rounds(d) == {"cls_rounds.json": rounds}
-    assert run_rounds(tmp_path) == {}
+    assert [r["stage"] for r in run_rounds(d)] == ["cls", "mined_r1", "cls_r2", "mined_r2"]
+    assert "key" not in run_rounds(d)[0]
+    assert run_rounds(tmp_path) == []
 
 
 def test_a_run_whose_config_does_not_load_fails_alone_without_a_process(bench):
@@ -249,7 +245,7 @@ def test_planned_runs_differ_only_in_method_seed_and_the_methods_own_overrides(t
     assert [(r.name, r.seed) for r in plan] == [("p-cam-s0", 0), ("p-cam-s5", 5)]
     c = load_config(cfg, list(plan[1].overrides))
     assert (c.name, c.seed, c.method.name, c.method.options) == ("p-cam-s5", 5, "cam", {})  # file options dropped
-    assert (c.train.epochs, c.train.lr, c.seg.enabled, c.pseudo.refiners, c.train.progress) == (2, 0.5, False, ["crf"], False)
+    assert (c.train.epochs, c.train.lr, c.seg.enabled, c.pseudo.refiners, c.runtime.progress) == (2, 0.5, False, ["crf"], False)
 
 
 def test_mean_std_summary_and_ratio_on_constructed_records():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -110,10 +111,14 @@ def cmd_list(args):
     from wsss.localize import LOCALIZERS
     from wsss.methods import METHODS
     from wsss.models import BACKBONES
+    from wsss.refine import REFINERS
+    from wsss.saliency import SALIENCY_SOURCES
 
-    print("methods:    " + ", ".join(METHODS.names()))
-    print("backbones:  " + ", ".join(BACKBONES.names()))
-    print("localizers: " + ", ".join(LOCALIZERS.names()))
+    print("methods:          " + ", ".join(METHODS.names()))
+    print("backbones:        " + ", ".join(BACKBONES.names()))
+    print("localizers:       " + ", ".join(LOCALIZERS.names()))
+    print("refiners:         " + ", ".join(REFINERS.names()))
+    print("saliency sources: " + ", ".join(SALIENCY_SOURCES.names()))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="run directory, e.g. runs/<name>")
     rp.add_argument("--images", type=int, default=12, metavar="N", help="images shown per split (default 12)")
     rp.set_defaults(fn=cmd_report)
-    ls = sub.add_parser("list", help="registered methods, backbones and localizers")
+    ls = sub.add_parser("list", help="registered methods, backbones, localizers, refiners and saliency sources")
     ls.set_defaults(fn=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks over several runs")
     bench_sub = bench.add_subparsers(dest="benchmark", required=True)
@@ -161,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: errors of the disk or the file system a user can fix, and what to do about each
+_STORAGE_ERRORS = {
+    errno.ENOSPC: "free some disk space (or set runs_dir to a disk with room)",
+    errno.EDQUOT: "free some space within your disk quota (or set runs_dir elsewhere)",
+    errno.EACCES: "make the run directory writable (or set runs_dir to a folder you can write)",
+    errno.EPERM: "make the run directory writable (or set runs_dir to a folder you can write)",
+    errno.EROFS: "the file system is read-only: set runs_dir to a writable folder",
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -169,6 +184,13 @@ def main(argv=None) -> int:
         rc = args.fn(args)
     except WsssError as e:
         print(f"wsss: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRORS:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"wsss: error: {where}{e.strerror or e} ({errno.errorcode.get(e.errno, e.errno)}); {_STORAGE_ERRORS[e.errno]}. "
+              "Finished work is kept in the run directory: rerun the same command to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("wsss: interrupted; finished work is kept in the run directory, rerun to resume", file=sys.stderr)

@@ -11,9 +11,11 @@ Every other module (stages, evaluation, report, benchmarks) asks a :class:`RunLa
     <run>/pred/<split>/        predictions of the segmentation network alone
     <run>/metrics.json         every number the run measured
     <run>/report/index.html    the HTML report
+    <run>/bench.json           peak memory of the invocations, when made by `wsss bench methods`
 
-A multi-round recipe adds stage folders of its own (e.g. ``cls_r2``); each stage folder holds ``stage.json``, its
-key and completion record (wsss.runs.Stage).
+A multi-round recipe adds stage folders of its own (e.g. ``cls_r2``), and so does a refiner that declares a stage
+(``irn/``, ``psa/``: the affinity network trained on the run's maps, its confident regions ``labels/``); each stage
+folder holds ``stage.json``, its key and completion record (wsss.runs.Stage).
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class RunLayout:
     @property
     def lock(self) -> Path:
         return self.root / ".lock"
+
+    @property
+    def bench(self) -> Path:
+        """``wsss bench``'s per-run record (peak memory over the invocations that made the run)."""
+        return self.root / "bench.json"
 
     @property
     def report(self) -> Path:

@@ -52,15 +52,13 @@ import yaml
 from wsss.config import Config, load_config
 from wsss.config.load import parse_override
 from wsss.errors import ConfigError, WsssError
+from wsss.layout import MAPS, PSEUDO, RunLayout
 from wsss.runs import atomic_write_json, atomic_write_text
 
 #: settings the benchmark sets for every run; a per-method override may not change them
 FORCED_KEYS = ("name", "seed", "method.name", "seg.enabled", "pseudo.refiners")
 #: the method whose time per epoch the others are divided by
 BASELINE = "cam"
-#: files a method may write into its run directory with per-round information (adversarial erasing), copied into
-#: the JSON output when present
-ROUND_FILES = ("cls_rounds.json",)
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,7 @@ def plan_runs(methods: Sequence[str], seeds: Sequence[int], prefix: str, overrid
     for method in methods:
         for seed in seeds:
             name = f"{prefix}-{method}-s{seed}"
-            ov = ("train.progress=false", *overrides, f"method.name={method}", "method.options={}",
+            ov = ("runtime.progress=false", *overrides, f"method.name={method}", "method.options={}",
                   *method_overrides.get(method, ()), f"name={name}", f"seed={seed}", "seg.enabled=false",
                   "pseudo.refiners=[crf]")
             plan.append(PlannedRun(method, seed, name, ov))
@@ -227,12 +225,12 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _record_memory(run_dir: Path, cls_key: str, peak_rss_mb: float, seconds: float, returncode: int) -> float:
+def _record_memory(run_dir: Path, classifier_key: str, peak_rss_mb: float, seconds: float, returncode: int) -> float:
     """Add an invocation to ``<run>/bench.json``; returns the peak RSS over the invocations on this classifier."""
-    path = run_dir / "bench.json"
+    path = RunLayout(run_dir).bench
     rec = _read_json(path) or {}
-    if rec.get("cls_key") != cls_key:
-        rec = {"cls_key": cls_key, "invocations": []}
+    if rec.get("classifier_key") != classifier_key:
+        rec = {"classifier_key": classifier_key, "invocations": []}
     rec["invocations"].append({"finished": datetime.datetime.now().isoformat(timespec="seconds"),
                                "seconds": round(seconds, 1), "peak_rss_mb": peak_rss_mb, "returncode": returncode})
     rec["peak_rss_mb"] = max(i["peak_rss_mb"] for i in rec["invocations"])
@@ -248,31 +246,29 @@ def _get(tree: Any, *path: Any) -> Any:
     return tree
 
 
-def _classifier_dirs(run_dir: Path) -> list[Path]:
-    """The run's classifier stage folders: ``cls/``, and with Adversarial Erasing every round's, as listed in its
-    ``cls_rounds.json`` (a stale folder of an earlier config with more rounds is not counted)."""
-    rounds = _get(_read_json(run_dir / "cls_rounds.json"), "rounds")
-    if rounds:
-        return [run_dir / r["stage"] for r in rounds if isinstance(r, dict) and r.get("stage")]
-    return [run_dir / "cls"]
+def _stage_records(metrics: dict, role: str) -> list[dict]:
+    return [r for r in (metrics.get("stages") or {}).values() if isinstance(r, dict) and r.get("role") == role]
 
 
 def run_values(run_dir: Path, cfg: Config) -> dict[str, Any]:
-    """The table's numbers of one finished run, from its ``metrics.json`` and stage files (None where missing).
+    """The table's numbers of one finished run, from its ``metrics.json`` (None where missing), which carries the
+    record of every stage the run's pipeline declared.
 
-    Training time is the sum of every epoch of every classifier the run trained (one, or one per erasing round)
+    Training time is the sum of every epoch of every classifier the run trained (one, or one per round of a multi-round recipe)
     plus, between rounds, the mining of the training split's maps; seconds per epoch divide the epochs' time alone by
     their number, so a multi-round method pays its rounds in wall time, not in time per epoch.
     """
-    m = _read_json(run_dir / "metrics.json") or {}
+    layout = RunLayout(run_dir)
+    m = _read_json(layout.metrics) or {}
     train, test = cfg.data.train_split, cfg.data.test_split
     splits, timing = m.get("splits") or {}, m.get("timing") or {}
     map_seconds = [_get(v, "seconds") for v in (timing.get("maps") or {}).values()]
     maps_s = sum(map_seconds) if map_seconds and None not in map_seconds else None
-    histories = [_get(_read_json(d / "summary.json"), "history") for d in _classifier_dirs(run_dir)]
-    epochs = [r["seconds"] for h in histories for r in (h or [])]
-    train_s = sum(epochs) if epochs and all(histories) else None
-    mining_s = sum(_get(_read_json(d / "mined" / "stage.json"), "seconds") or 0.0 for d in _classifier_dirs(run_dir))
+    classifiers = _stage_records(m, "classifier")
+    epochs = sum(r.get("epochs") or 0 for r in classifiers)
+    train_s = sum(r["train_seconds"] for r in classifiers) if classifiers and all(
+        r.get("train_seconds") is not None for r in classifiers) else None
+    mining_s = sum(r.get("stage_seconds") or 0.0 for r in _stage_records(m, "mining"))
     pseudo = m.get("pseudo") or {}
     return {
         "cls_map_test": _get(splits, test, "classifier", "mAP"),
@@ -280,26 +276,29 @@ def run_values(run_dir: Path, cfg: Config) -> dict[str, Any]:
         "pseudo_miou_train": pseudo.get("miou") if pseudo.get("split") == train else None,
         "map_miou_test": _get(splits, test, "maps", "miou"),
         "wall_seconds": train_s + mining_s + maps_s if train_s is not None and maps_s is not None else None,
-        "epoch_seconds": train_s / len(epochs) if train_s is not None else None,
+        "epoch_seconds": train_s / epochs if train_s is not None and epochs else None,
         "train_seconds": train_s,
         "mining_seconds": mining_s,
         "maps_seconds": maps_s,
-        "crf_seconds": _get(_read_json(run_dir / "pseudo" / "stage.json"), "seconds"),
-        "epochs": len(epochs),
-        "classifiers": len(histories),
+        "crf_seconds": _get(m, "stages", PSEUDO, "seconds"),
+        "epochs": epochs,
+        "classifiers": len(classifiers),
     }
 
 
-def run_rounds(run_dir: Path) -> dict[str, Any]:
-    """Per-round files a method wrote into its run (Adversarial Erasing's ``cls_rounds.json``), by relative path."""
-    return {rel: data for rel in ROUND_FILES if (data := _read_json(run_dir / rel)) is not None}
+def run_rounds(run_dir: Path) -> list[dict]:
+    """The per-round records of a multi-round recipe (each round's classifier and mined maps), from metrics.json."""
+    stages = _get(_read_json(RunLayout(run_dir).metrics), "stages") or {}
+    return [{"stage": n, **{k: v for k, v in r.items() if k != "key"}} for n, r in stages.items()
+            if isinstance(r, dict) and r.get("round") is not None]
 
 
 def _stage_keys(cfg: Config) -> dict[str, str]:
+    """The keys of every cached stage of the run's pipeline (with seg.enabled=false: up to the pseudo masks)."""
     from wsss.stages.context import RunContext
+    from wsss.stages.pipeline import Pipeline
 
-    ctx = RunContext(cfg)
-    return {"cls": ctx.cls_key(), "maps": ctx.maps_key(), "pseudo": ctx.pseudo_key()}
+    return Pipeline(RunContext(cfg)).keys()
 
 
 def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
@@ -314,11 +313,11 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
         return record
     run_dir = Path(cfg.runs_dir) / cfg.name
     record["run_dir"] = str(run_dir)
-    written = _get(_read_json(run_dir / "metrics.json"), "stage_keys") or {}
+    written = _get(_read_json(RunLayout(run_dir).metrics), "stage_keys") or {}
     done = all(written.get(k) == v for k, v in keys.items())  # metrics.json may record more stages than these
     if done:
         record["source"] = "reused"
-        record["peak_rss_mb"] = _get(_read_json(run_dir / "bench.json"), "peak_rss_mb")
+        record["peak_rss_mb"] = _get(_read_json(RunLayout(run_dir).bench), "peak_rss_mb")
     else:
         record["source"] = "ran"
         log_path = log_dir / f"{run.name}.log"
@@ -328,8 +327,9 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
         record.update(returncode=rc, run_seconds=round(seconds, 1))
         # after a run that finished, its own metrics.json names the classifier it made (the child's keys are the
         # truth should this process hold older code than the child imported)
-        cls_key = _get(_read_json(run_dir / "metrics.json"), "stage_keys", "cls") if rc == 0 else None
-        record["peak_rss_mb"] = _record_memory(run_dir, cls_key or keys["cls"], rss, seconds, rc)
+        # the maps key depends on every classifier the run trains: the memory record belongs to those
+        maps_key = _get(_read_json(RunLayout(run_dir).metrics), "stage_keys", MAPS) if rc == 0 else None
+        record["peak_rss_mb"] = _record_memory(run_dir, maps_key or keys[MAPS], rss, seconds, rc)
         if rc != 0:
             record["error"] = _failure_reason(rc, log_path)
             return record

@@ -6,6 +6,7 @@ A safe, documented format (no pickles: loaded with ``allow_pickle=False``), writ
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -28,5 +29,5 @@ def load_maps(path: Path) -> dict[str, np.ndarray]:
                     "scores": z["scores"]}
     except FileNotFoundError:
         raise DataError(f"map file {path} does not exist (run `wsss maps` first)") from None
-    except (ValueError, KeyError, OSError) as e:
+    except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise DataError(f"{path}: damaged map file ({e}); delete it and rerun `wsss maps`") from None

@@ -206,7 +206,7 @@ def compute_first_round(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     samples, skipped = train_cls.training_samples(ctx)
     log.info("cls round 1/%d: training %s/%s on %d images (%d skipped: empty label set)", _options(ctx).rounds,
              ctx.cfg.method.name, ctx.cfg.model.backbone, len(samples), len(skipped))
-    return {**train_cls.train_classifier(ctx, samples, stage.dir, skipped), "round": 1}
+    return {**train_cls.train_classifier(ctx, samples, stage.dir, skipped), "round": 1, "label_check": ctx.label_check}
 
 
 def compute_mined(k: int):
@@ -336,6 +336,7 @@ def compute_union_maps(rounds: int):
                                          stage.dir / "rounds" / split, cfg.maps.labels, fill)
             info[split] = {"images": len(samples), "computed": write_union(samples, round_dirs, stage.dir / split),
                            "rounds": rounds, "reused_mined_maps": reuse}
+            maps_stage.verify_complete(samples, stage.dir / split)
             log.info("maps: %s %s", split, info[split])
         return {"splits": info, "rounds": rounds}
 
@@ -352,13 +353,13 @@ def declare_rounds(decls: list[StageDecl], cfg: Config) -> list[StageDecl]:
         o = _options(c)
         return {"erase_threshold": o.erase_threshold, "max_erased_fraction": o.max_erased_fraction}
 
-    mining = ("maps", "-maps.labels", "-maps.pred_threshold", "-maps.splits", "data.train_split")
+    mining = ("maps", "-maps.labels", "-maps.pred_threshold", "-maps.splits", "data.train_split", "runtime.precision")
     out: list[StageDecl] = []
     for d in decls:
         if d.name == CLS:
             first = dataclasses.replace(d, compute=compute_first_round, check=check,
                                         keyed_by=("data", "-data.val_split", "-data.test_split", "model",
-                                                  "method.name", "train", "seed"))
+                                                  "method.name", "train", "runtime", "seed"))
             out += [first, StageDecl(mined_name(1), compute_mined(1), (CLS,), mining)]
             for k in range(2, rounds + 1):
                 out += [StageDecl(cls_name(k), compute_round(k), tuple(_rounds_before(k)), erase_opts),

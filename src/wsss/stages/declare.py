@@ -8,13 +8,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from wsss.config import Config
-from wsss.config.load import to_dict
+from wsss.config.schema import Config
+from wsss.config.typed import to_dict
 from wsss.registry import Registry
 from wsss.runs import Stage
 
 #: settings that never change an output; left out of every key
-NOT_IN_KEYS = ("data.workers", "train.progress", "maps.batch_size", "crf.workers")
+NOT_IN_KEYS = ("data.workers", "runtime.progress", "maps.batch_size", "crf.workers")
 
 Selector = Sequence[str] | Callable[[Config], Any]
 

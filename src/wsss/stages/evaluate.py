@@ -3,18 +3,26 @@
 Per split with maps: classifier mAP (from the scores stored with the maps), a threshold sweep, and the maps turned
 into masks by the same rule as the pseudo masks (with the threshold chosen on the selection split). For the pseudo
 split, the written pseudo masks themselves. Each split is one confusion matrix; each map file is read once.
+
+Beside them, on every scored split, the trivial baselines of :mod:`wsss.evaluation.baselines` (the most frequent
+class everywhere, image labels + class frequency, and the spatial prior of the training masks as a reference):
+``metrics["baselines"]``; :func:`summary_lines` prints the best one beside each score and says when a score is
+below it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from wsss.data.datasets import label_vector
 from wsss.evaluation import ThresholdSweep, average_precision, confusion_matrix, segmentation_scores
+from wsss.evaluation.baselines import DESCRIPTIONS, LABELS, TRIVIAL, BaselineScorer, training_stats
 from wsss.layout import MAPS, PRED, PSEUDO, SEG
 from wsss.pseudo import pseudo_mask
 from wsss.runs import Stage, atomic_write_json
@@ -70,9 +78,38 @@ def _score_predictions(ctx: RunContext, pred: Stage, seg: Stage) -> dict:
     """The segmentation network alone on ``seg.predict_split`` (never trained on)."""
     info = pred.info()
     split = info["split"]
-    return {"split": split, "masks": ctx.cfg.seg.masks, "backbone": f"DeepLabV3/{ctx.cfg.seg.backbone}",
+    return {"split": split, "masks": ctx.cfg.seg.masks, "backbone": f"DeepLabV3/{ctx.cfg.seg.model.backbone}",
             **score_mask_folder(ctx, pred.dir / split, split),
             "predict_images_per_s": info.get("images_per_s"), "train_seconds": seg.info().get("train_seconds")}
+
+
+def _with_masks(reader, samples) -> Iterator[tuple]:
+    """(sample, mask or None) in order, masks decoded by a few threads a chunk at a time (bounded memory)."""
+    chunk = 64
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        for i in range(0, len(samples), chunk):
+            part = samples[i: i + chunk]
+            yield from zip(part, pool.map(lambda s: reader.load_mask(s) if s.mask is not None else None, part))
+
+
+def trivial_baselines(reader, train_split: str, splits: Sequence[str]) -> dict | None:
+    """The trivial baselines (:mod:`wsss.evaluation.baselines`) on each of ``splits`` that has masks: the training
+    split's statistics once, then one pass over each split's masks. None when no split has masks."""
+    spec = reader.spec
+    splits = [s for s in dict.fromkeys(splits) if any(x.mask is not None for x in reader.samples(s))]
+    if not splits:
+        return None
+    train = reader.samples(train_split)
+    stats = training_stats(((m, s.labels or ()) for s, m in _with_masks(reader, train)), spec.num_classes,
+                           spec.ignore_index, spec.background)
+    out: dict = {"training": {"split": train_split, **stats.summary(spec.classes)},
+                 "about": dict(DESCRIPTIONS), "trivial": list(TRIVIAL), "splits": {}}
+    for split in splits:
+        scorer = BaselineScorer(stats, spec.num_classes, spec.ignore_index, spec.background)
+        for s, gt in _with_masks(reader, [x for x in reader.samples(split) if x.mask is not None]):
+            scorer.add(gt, s.labels or ())
+        out["splits"][split] = scorer.scores(spec.classes)
+    return out
 
 
 def inputs(cfg) -> tuple[str, ...]:
@@ -115,7 +152,18 @@ def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
         "eval_seconds": round(time.perf_counter() - t0, 2),
     }
     if SEG in inputs:
-        metrics["seg"] = _score_predictions(ctx, inputs[PRED], inputs[SEG])
+        if any(s.mask is not None for s in ctx.reader.samples(inputs[PRED].info()["split"])):
+            metrics["seg"] = _score_predictions(ctx, inputs[PRED], inputs[SEG])
+    scored = [*metrics["splits"], split, *([inputs[PRED].info()["split"]] if SEG in inputs else [])]
+    unscored = [name for name in dict.fromkeys(scored)
+                if not any(s.mask is not None for s in ctx.reader.samples(name))]
+    if unscored:
+        metrics["not_scored"] = {"splits": unscored, "reason": "no ground-truth masks"}
+    t1 = time.perf_counter()
+    baselines = trivial_baselines(ctx.reader, ctx.split_name("train"), [n for n in dict.fromkeys(scored) if n not in unscored])
+    if baselines:
+        metrics["baselines"] = baselines
+        metrics["timing"]["baselines_seconds"] = round(time.perf_counter() - t1, 2)
     classifiers = [r for r in records.values() if r.get("role") == "classifier"]
     if classifiers:
         train_s = sum(r.get("train_seconds") or 0.0 for r in classifiers)
@@ -127,24 +175,71 @@ def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
     return metrics
 
 
+def label_check_of(metrics: dict) -> dict | None:
+    """The label check recorded by the run's classifier stage (metrics.json ``stages``), if any."""
+    for record in (metrics.get("stages") or {}).values():
+        if isinstance(record, dict) and isinstance(record.get("label_check"), dict):
+            return record["label_check"]
+    return None
+
+
+def versus_baselines(metrics: dict, split: str, miou) -> tuple[str, bool]:
+    """(text to print beside a score of ``split``, whether the score is below the best trivial baseline there)."""
+    b = ((metrics.get("baselines") or {}).get("splits") or {}).get(split)
+    if not b or miou is None:
+        return "", False
+    parts, below = [], False
+    best = b.get("best")
+    if best:
+        v = b[best]["miou"]
+        below = miou < v
+        parts.append(f"{'below the best' if below else 'best'} trivial baseline {v}: {LABELS.get(best, best)}")
+    prior = (b.get("spatial_prior") or {}).get("miou")
+    if prior is not None:
+        parts.append(f"spatial prior {prior}")
+    return (f" ({'; '.join(parts)})" if parts else ""), below
+
+
 def summary_lines(metrics: dict) -> list[str]:
-    """The headline numbers, for the terminal."""
+    """The headline numbers, for the terminal, each with the best trivial baseline of its split beside it."""
     lines = [f"run {metrics['run']}: {metrics['method']} / {metrics['backbone']} / {metrics['localizer']} "
              f"on {metrics['dataset']} (seed {metrics['seed']})"]
+    check = label_check_of(metrics)
+    if check and check.get("common"):
+        lines.append(f"  label check ({check.get('verdict')}): {len(check['common'])} class(es) on at least "
+                     f"{100 * check['common_fraction']:g}% of the training images, which image-level labels cannot "
+                     f"localize: {', '.join(check['common'])}")
     if metrics.get("selection", {}).get("bg_threshold") is not None:
         sel = metrics["selection"]
         lines.append(f"  background threshold {sel['bg_threshold']} (chosen on {sel.get('chosen_on')})")
+    below: list[str] = []
+
+    def score(what: str, split: str, miou) -> str:
+        text, low = versus_baselines(metrics, split, miou)
+        if low:
+            below.append(what)
+        return f"mIoU {miou}{text}"
+
     for split, s in metrics["splits"].items():
         parts = [f"  {split:>8}: classifier mAP {s['classifier']['mAP']}"]
         if "maps" in s:
-            parts.append(f"map mIoU {s['maps']['miou']}  class-avg acc {s['maps']['class_avg_acc']}  "
-                         f"pixel acc {s['maps']['pixel_acc']}")
+            parts.append(f"map {score(f'maps ({split})', split, s['maps']['miou'])}  "
+                         f"class-avg acc {s['maps']['class_avg_acc']}  pixel acc {s['maps']['pixel_acc']}")
         lines.append("  ".join(parts))
     if "pseudo" in metrics:
         p = metrics["pseudo"]
-        lines.append(f"  pseudo masks ({p['split']}): mIoU {p['miou']}")
+        what = f"pseudo masks ({p['split']})"
+        lines.append(f"  {what}: {score(what, p['split'], p['miou'])}")
+    if metrics.get("not_scored"):
+        lines.append(f"  no ground-truth masks on {', '.join(metrics['not_scored']['splits'])}: maps, pseudo masks and "
+                     "predictions there are written but not scored")
     if "seg" in metrics:
         s = metrics["seg"]
+        what = f"segmentation network ({s['split']})"
         lines.append(f"  segmentation network ({s['backbone']}, trained on {s['masks']} masks) on {s['split']}: "
-                     f"mIoU {s['miou']}  class-avg acc {s['class_avg_acc']}  pixel acc {s['pixel_acc']}")
+                     f"{score(what, s['split'], s['miou'])}  class-avg acc {s['class_avg_acc']}  pixel acc {s['pixel_acc']}")
+    if below:
+        lines.append(f"  below a trivial baseline: {', '.join(below)}. These scores are worse than a rule that never "
+                     "looks at the pixels; the image-level labels may not fit this data (see the label check, and "
+                     "README: 'Does your data suit image-level labels?').")
     return lines

@@ -68,13 +68,13 @@ def load_classifier(ctx: RunContext, checkpoint):
 def inference_model(ctx: RunContext, checkpoint):
     """:func:`load_classifier` on the inference device, in the training memory format."""
     model = load_classifier(ctx, checkpoint).to(inference_device(ctx.cfg))
-    if ctx.cfg.train.channels_last:
+    if ctx.cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def inference_device(cfg) -> torch.device:
-    wants_gpu = cfg.train.accelerator in ("auto", "cuda", "gpu")
+    wants_gpu = cfg.runtime.accelerator in ("auto", "cuda", "gpu")
     return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
 
 
@@ -146,8 +146,8 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
     t0 = time.perf_counter()
     done = 0
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=m.precision == "bf16")
-    bar = tqdm(total=len(todo), desc=f"maps {m.localizer} {what}", leave=False, disable=not cfg.train.progress,
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
+    bar = tqdm(total=len(todo), desc=f"maps {m.localizer} {what}", leave=False, disable=not cfg.runtime.progress,
                mininterval=1.0)
     for item in loader:
         errors += item["errors"]
@@ -165,7 +165,7 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
         idx = idx.to(device)
         with autocast:
             maps, logits = multiscale_maps(model, localizer, x, idx, m.scales, m.flip, m.aggregate, m.normalize,
-                                           channels_last=cfg.train.channels_last)
+                                           channels_last=cfg.runtime.channels_last)
         maps, logits, idx = maps.cpu(), logits.cpu(), idx.cpu()
         for b in range(len(x)):
             keep = valid[b]
@@ -199,7 +199,17 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
         split = ctx.split_name(role)
         info[split] = extract_split(ctx, model, role, stage)
         log.info("maps: %s %s", split, info[split])
+        verify_complete(ctx.reader.samples(split), stage.dir / split)
     return {"splits": info}
+
+
+def verify_complete(samples, folder: Path) -> None:
+    """Before a maps stage is marked done: every image has its map file (files written here are complete by their
+    atomic rename; files kept from an interrupted run were loaded before being kept)."""
+    missing = [s.id for s in samples if not (folder / f"{s.id}.npz").is_file()]
+    if missing:
+        raise DataError(f"{folder}: no map file for {len(missing)} image(s) ({', '.join(missing[:10])}); the stage is "
+                        "left unfinished, rerun to complete it")
 
 
 def iter_maps(stage: Stage, ctx: RunContext, split: str):

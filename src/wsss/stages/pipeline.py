@@ -16,6 +16,12 @@ A multi-round recipe (:data:`RECIPES`, e.g. Adversarial Erasing) rewrites the de
 several (one per round, each a cached, resumable stage with its own key) as long as the stage names that later
 stages read stay provided.
 
+A refiner of ``pseudo.refiners`` may need stages of its own before the pseudo stage (IRN and PSA train their
+affinity networks on the run's maps): :meth:`wsss.refine.Refiner.stages` declares them, and
+:func:`with_refiner_stages` inserts them after ``maps`` (after the recipe) and adds them to the pseudo stage's inputs,
+so the pseudo stage's key includes theirs and its refiners get them, complete, in ``prepare``. With
+``pseudo.refiners: [irn, crf]`` the declaration reads ``cls, maps, irn, pseudo, seg, pred, eval``.
+
 :class:`Pipeline` runs a target and what it needs: every check of every stage that will compute runs first (a bad
 split, class name, localizer, backbone or weight file fails before anything is trained or deleted), then, holding
 the run directory's lock, each stage is reused when complete under its key or computed into its folder.
@@ -23,13 +29,16 @@ the run directory's lock, each stage is reused when complete under its key or co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
 
 from wsss.config import config_hash, dump_config
 from wsss.data.readers import check_splits
+from wsss.errors import ConfigError
 from wsss.layout import CLS, EVAL, MAPS, PRED, PSEUDO, SEG
+from wsss.refine import build_chain
 from wsss.runs import RunLock, Stage
 from wsss.stages import (
     adv_erase,  # noqa: F401  (registers Adversarial Erasing's rounds in RECIPES)
@@ -46,9 +55,10 @@ log = logging.getLogger("wsss.pipeline")
 
 STAGES: tuple[StageDecl, ...] = (
     StageDecl(CLS, train_cls.compute, (),
-              ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "seed"), train_cls.check),
-    StageDecl(MAPS, maps.compute, (CLS,), ("maps", "data.train_split", "data.val_split", "data.test_split"),
-              maps.check),
+              ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "runtime", "seed"),
+              train_cls.check),
+    StageDecl(MAPS, maps.compute, (CLS,),
+              ("maps", "data.train_split", "data.val_split", "data.test_split", "runtime.precision"), maps.check),
     StageDecl(PSEUDO, pseudo.compute, (MAPS,), pseudo.key_settings, pseudo.check),
     StageDecl(SEG, seg.compute_train, seg.train_inputs, seg.train_settings, seg.check_train,
               enabled=lambda cfg: cfg.seg.enabled),
@@ -65,6 +75,24 @@ def used_splits(cfg) -> list[str]:
     return list(dict.fromkeys(roles))
 
 
+def with_refiner_stages(decls: list[StageDecl], cfg) -> list[StageDecl]:
+    """``decls`` with the stages the refiners of ``pseudo.refiners`` declare (:meth:`wsss.refine.Refiner.stages`)
+    inserted after ``maps``, and added to the pseudo stage's inputs."""
+    extra = [d for r in build_chain(cfg) for d in r.stages()]
+    if not extra:
+        return decls
+    names = [d.name for d in decls]
+    for i, d in enumerate(extra):
+        if d.name in names or d.name in [e.name for e in extra[:i]]:
+            raise ConfigError(f"pseudo.refiners: a refiner declares the stage '{d.name}', which the pipeline already "
+                              f"has ({', '.join(names)})")
+    needed = tuple(d.name for d in extra)
+    pseudo_decl = decls[names.index(PSEUDO)]
+    with_inputs = dataclasses.replace(pseudo_decl, inputs=lambda cfg: (*pseudo_decl.input_names(cfg), *needed))
+    at = names.index(MAPS) + 1
+    return [*decls[:at], *extra, *(with_inputs if d is pseudo_decl else d for d in decls[at:])]
+
+
 class Pipeline:
     """The declaration of one config (after its recipe), with every stage's key."""
 
@@ -74,6 +102,7 @@ class Pipeline:
         decls = list(STAGES)
         if cfg.method.name in RECIPES:
             decls = RECIPES.get(cfg.method.name)(decls, cfg)
+        decls = with_refiner_stages(decls, cfg)
         self.decls = {d.name: d for d in decls if d.enabled(cfg)}
         self._keys: dict[str, str] = {}
 
@@ -164,4 +193,4 @@ def run_stage(ctx: RunContext, name: str) -> Any:
     return run(ctx, name)[name]
 
 
-__all__ = ["STAGES", "Pipeline", "run", "run_stage", "used_splits"]
+__all__ = ["STAGES", "Pipeline", "run", "run_stage", "used_splits", "with_refiner_stages"]

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from wsss.config import Config
-from wsss.config.load import to_dict
+from wsss.config.typed import to_dict
 from wsss.data.io import save_mask_png
 from wsss.errors import ConfigError
 from wsss.evaluation import ThresholdSweep
@@ -50,6 +50,11 @@ log = logging.getLogger("wsss.stages")
 
 def _chooses_bg(ctx: RunContext) -> bool:
     return ctx.spec.background is not None and ctx.cfg.pseudo.bg_threshold is None
+
+
+#: the background threshold where no split has masks to choose one on (your own tagged images): IRN's threshold for
+#: scoring CAMs on VOC (cam_eval_thres 0.15)
+DEFAULT_BG_THRESHOLD = 0.15
 
 
 def _needs_selection(cfg: Config, chain: Sequence[Refiner]) -> list[str]:
@@ -73,6 +78,17 @@ def check(ctx: RunContext) -> None:
     if chosen and cfg.eval.select_on not in cfg.maps.splits and split not in cfg.maps.splits:
         raise ConfigError(f"eval.select_on '{cfg.eval.select_on}' has no maps; add it to maps.splits or set "
                           f"{' and '.join(chosen)}")
+    if chosen and not _has_masks(ctx, split):
+        others = [c for c in chosen if c != "pseudo.bg_threshold"]
+        if others:
+            raise ConfigError(f"split '{split}' (eval.select_on) has no ground-truth masks to choose {' and '.join(others)} "
+                              "on; set it in the config")
+        log.warning("pseudo: split '%s' (eval.select_on) has no ground-truth masks to choose the background threshold "
+                    "on; using %.2f (set pseudo.bg_threshold to choose another)", split, DEFAULT_BG_THRESHOLD)
+
+
+def _has_masks(ctx: RunContext, split: str) -> bool:
+    return any(s.mask is not None for s in ctx.reader.samples(split))
 
 
 def key_settings(cfg: Config) -> list:
@@ -111,6 +127,8 @@ def choose_bg_threshold(ctx: RunContext, maps: Stage, before: Sequence[Refiner] 
         return {"bg_threshold": None, "reason": "dataset has no background class"}
     if cfg.pseudo.bg_threshold is not None:
         return {"bg_threshold": cfg.pseudo.bg_threshold, "chosen_on": "config"}
+    if not _has_masks(ctx, ctx.split_name(cfg.eval.select_on)):
+        return {"bg_threshold": DEFAULT_BG_THRESHOLD, "chosen_on": "default: no ground truth on the selection split"}
     selection = _selection(ctx, maps, before, None)
     sweep = ThresholdSweep(ctx.spec, selection.thresholds)
     for x, gt in selection:
@@ -123,13 +141,13 @@ def choose_bg_threshold(ctx: RunContext, maps: Stage, before: Sequence[Refiner] 
 
 def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     """Write the pseudo masks of ``pseudo.split`` into ``stage.dir / <split>`` from the complete maps stage
-    ``inputs["maps"]``; returns the stage info (split, images, refiners, the thresholds and where they were chosen,
-    each refiner's info, speed)."""
+    ``inputs["maps"]`` (and the stages the refiners declared); returns the stage info (split, images, refiners, the
+    thresholds and where they were chosen, each refiner's info, speed)."""
     cfg = ctx.cfg
     maps = inputs[MAPS]
     chain = build_chain(cfg)
-    for r in chain:
-        r.prepare(ctx)
+    for r in chain:  # with the stages each refiner declared (wsss.refine.base.Refiner.stages), complete
+        r.prepare(ctx, {d.name: inputs[d.name] for d in r.stages()})
     # the maps the threshold rule would see: those the first refiner that gives a mask takes
     gives_mask = next((i for i, r in enumerate(chain) if r.output == MASK), len(chain))
     choice = choose_bg_threshold(ctx, maps, chain[:gives_mask])

@@ -8,6 +8,7 @@ its scores with the dense CRF on the image (as DeepLab and SEC do at test time).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -18,8 +19,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.config.load import to_dict
-from wsss.config.schema import ModelConfig
+from wsss.config.typed import to_dict
 from wsss.data.datasets import InferenceDataset, SegmentationDataset, batches_by_size, stack
 from wsss.data.io import image_size, load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
@@ -104,25 +104,25 @@ class SegTask(TrainTask):
     name = "deeplabv3"
 
     def __init__(self, cfg, samples, spec, masks):
-        sc = cfg.seg
-        super().__init__(cfg, LoopSettings(sc.epochs, sc.batch_size, sc.lr, sc.head_lr_mult, cfg.train.momentum,
-                                           cfg.train.weight_decay, cfg.train.poly_power), seg_meta(sc, spec.classes))
+        sc, t = cfg.seg, cfg.seg.train
+        super().__init__(cfg, LoopSettings(t.epochs, t.batch_size, t.lr, t.head_lr_mult, t.momentum, t.weight_decay,
+                                           t.poly_power), seg_meta(sc.model, spec.classes))
         self.samples, self.spec, self.masks = samples, spec, masks
         self.sec = None
         if sc.loss == "sec":
             self.name = "deeplabv3-sec"
             c = sc.sec
             self.sec = SecLosses(spec.background, spec.ignore_index, cfg.crf, c.seed, c.expand, c.constrain,
-                                 c.fg_decay, c.bg_decay, c.output_stride)
+                                 c.fg_decay, c.bg_decay, c.loss_stride)
             self.present = present_classes(samples, spec)
 
     def build_model(self):
-        return DeepLabV3(self.cfg.seg, self.spec.num_classes)
+        return DeepLabV3(self.cfg.seg.model, self.spec.num_classes)
 
     def dataset(self):
-        sc = self.cfg.seg
+        t = self.cfg.seg.train
         return SegmentationDataset(self.samples, self.masks,
-                                   TrainTransform(sc.crop_size, sc.scale_range, True, self.spec.ignore_index))
+                                   TrainTransform(t.crop_size, t.scale_range, t.hflip, self.spec.ignore_index))
 
     def loss(self, out, batch):
         if self.sec is not None:
@@ -141,13 +141,12 @@ def train_inputs(cfg) -> tuple[str, ...]:
 
 
 def train_settings(cfg) -> dict:
-    """What changes the trained network besides its inputs: the seg section (minus inference settings), the training
-    engine's numerics and, per source of masks, what picks them."""
+    """What changes the trained network besides its inputs: the seg section (network, schedule, loss; minus inference
+    settings), the runtime's numerics and, per source of masks, what picks them."""
     seg = without(cfg.seg, "scales", "flip", "predict_split", "crf_postprocess")
     if cfg.seg.loss != "sec":
         seg.pop("sec")  # SEC settings cannot change a cross-entropy training
-    engine = {k: getattr(cfg.train, k) for k in ("precision", "channels_last", "devices", "momentum", "weight_decay",
-                                                  "poly_power")}
+    engine = {k: getattr(cfg.runtime, k) for k in ("precision", "channels_last", "devices")}
     source: dict = {"split": cfg.pseudo.split, "train_split": cfg.data.train_split}
     if cfg.seg.loss == "sec" and cfg.seg.sec.constrain:
         source["crf"] = without(cfg.crf, "workers")
@@ -179,8 +178,7 @@ def check_train(ctx: RunContext) -> None:
             check_crf_config(cfg.crf)
     elif cfg.seg.masks == "gt" and not any(s.mask is not None for s in samples):
         raise DataError(f"seg.masks=gt: split '{split}' has no ground-truth masks")
-    check_weights(ModelConfig(backbone=cfg.seg.backbone, output_stride=cfg.seg.output_stride,
-                              pretrained=cfg.seg.pretrained), section="seg")
+    check_weights(cfg.seg.model, section="seg.model")
 
 
 def compute_train(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
@@ -203,7 +201,7 @@ def compute_train(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     else:
         samples = [s for s in samples if s.mask is not None]
         masks = GroundTruthMasks(ctx.reader)
-    log.info("seg: training DeepLabV3/%s on %d images with %s", cfg.seg.backbone, len(samples),
+    log.info("seg: training DeepLabV3/%s on %d images with %s", cfg.seg.model.backbone, len(samples),
              "SEC losses" if cfg.seg.loss == "sec" else f"{cfg.seg.masks} masks")
     result = fit(SegTask(cfg, samples, ctx.spec, masks), stage.dir, ctx.after_epoch)
     return {"role": "seg", "images": len(samples), "masks": cfg.seg.masks, "loss": cfg.seg.loss,
@@ -225,8 +223,10 @@ def check_pseudo_folder(folder: Path, samples: list[Sample]) -> None:
 
 
 def load_segmenter(ctx: RunContext, stage: Stage) -> DeepLabV3:
-    state = load_checkpoint(stage.dir / "model.pt", seg_meta(ctx.cfg.seg, ctx.spec.classes))
-    model = DeepLabV3(ctx.cfg.seg, ctx.spec.num_classes, pretrained=False)
+    state = load_checkpoint(stage.dir / "model.pt", seg_meta(ctx.cfg.seg.model, ctx.spec.classes))
+    # the checkpoint holds every weight: don't read or fetch initial ones just to overwrite them
+    untrained = dataclasses.replace(ctx.cfg.seg.model, pretrained=False, weights_file=None)
+    model = DeepLabV3(untrained, ctx.spec.num_classes)
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -251,12 +251,12 @@ def _inference_batches(samples, batch_size: int) -> list[list[int]]:
 
 def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     """Segment ``seg.predict_split`` with the network alone (image labels are never read): batches of equal-sized
-    images on the inference device, bf16 autocast where ``train.precision`` asks for it."""
+    images on the inference device, bf16 autocast where ``runtime.precision`` asks for it."""
     cfg = ctx.cfg
     split = ctx.split_name(cfg.seg.predict_split)
     device = maps_stage.inference_device(cfg)
     model = load_segmenter(ctx, inputs[SEG]).to(device)
-    if cfg.train.channels_last:
+    if cfg.runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     out = stage.dir / split
     palette = ctx.spec.palette_bytes()
@@ -267,8 +267,8 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
                         collate_fn=stack)
     t0 = time.perf_counter()
     done = downscaled = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    bar = tqdm(total=len(todo), desc=f"predict {split}", leave=False, disable=not cfg.train.progress, mininterval=1.0)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
+    bar = tqdm(total=len(todo), desc=f"predict {split}", leave=False, disable=not cfg.runtime.progress, mininterval=1.0)
     for batch in loader:
         x = batch["image"].to(device)
         h, w = x.shape[-2:]
@@ -278,7 +278,7 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
             log.warning("predict: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", len(x), w,
                         h, x.shape[-1], x.shape[-2], ", ".join(batch["id"]))
             downscaled += len(x)
-        if cfg.train.channels_last:
+        if cfg.runtime.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad(), autocast:
             probs = predict_probs(model, x, cfg.seg.scales, cfg.seg.flip)
