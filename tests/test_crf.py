@@ -17,7 +17,6 @@ from wsss.layout import MAPS, PSEUDO
 from wsss.localize import load_maps, save_maps
 from wsss.pseudo import pseudo_mask
 from wsss.refine import check_crf_config, crf_pseudo_mask, dense_crf, maps_to_probs, refine_many
-from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
 from wsss.stages.pipeline import Pipeline, run_stage
 
@@ -167,14 +166,8 @@ def test_refine_many_in_process_keeps_order():
 
 
 def pseudo_on_seeded_maps(ctx: RunContext):
-    """The pseudo stage's check and compute on the maps stage a test seeded (no classifier behind it), as the
-    pipeline runs them."""
-    pipe = Pipeline(ctx)
-    pseudo_stage.check(ctx)
-    stage = pipe.stage(PSEUDO)
-    stage.open()
-    stage.finish(**pseudo_stage.compute(ctx, {MAPS: pipe.stage(MAPS)}, stage))
-    return stage
+    """The pseudo stage on the maps stage a test seeded: complete under its key, it needs no classifier."""
+    return run_stage(ctx, PSEUDO)
 
 
 def _masks(stage_dir):

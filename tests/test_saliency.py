@@ -20,7 +20,6 @@ from wsss.pseudo.masks import best_class
 from wsss.refine.crf import crf_refine_mask, mask_probs
 from wsss.refine.saliency import check_saliency_config, fuse, fuse_best
 from wsss.saliency import SALIENCY_SOURCES, build_source, saliency_key
-from wsss.stages import pseudo as pseudo_stage
 from wsss.stages.context import RunContext
 from wsss.stages.pipeline import Pipeline, run_stage
 
@@ -294,14 +293,8 @@ def seed_part_maps(ctx: RunContext, splits=("train", "val")) -> None:
 
 
 def pseudo_on_seeded_maps(ctx: RunContext):
-    """The pseudo stage's check and compute on the maps stage a test seeded (no classifier behind it), as the
-    pipeline runs them."""
-    pipe = Pipeline(ctx)
-    pseudo_stage.check(ctx)
-    stage = pipe.stage(PSEUDO)
-    stage.open()
-    stage.finish(**pseudo_stage.compute(ctx, {MAPS: pipe.stage(MAPS)}, stage))
-    return stage
+    """The pseudo stage on the maps stage a test seeded: complete under its key, it needs no classifier."""
+    return run_stage(ctx, PSEUDO)
 
 
 def masks_and_truth(ctx, stage):

@@ -239,14 +239,10 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     return BACKBONES.get(cfg.backbone)(cfg)
 
 
-# registers the timm ViT / DeiT backbones (vit_tiny, vit_small, deit_small, ...; timm itself is imported lazily)
-from wsss.models import vit as _vit  # noqa: E402,F401
-
-
 def is_transformer(name: str) -> bool:
     """Whether the registered backbone ``name`` is a vision transformer (registered by :mod:`wsss.models.vit`):
     its stride is its patch size, it has attention to read and no spatial stages for Grad-CAM."""
-    return name in BACKBONES and getattr(BACKBONES.get(name), "__module__", "") == _vit.__name__
+    return name in BACKBONES and getattr(BACKBONES.get(name), "transformer", False)
 
 
 def check_backbone_config(name: str, output_stride: int, section: str = "model") -> None:
@@ -319,7 +315,7 @@ def check_weights(model_cfg: ModelConfig, section: str = "model", online: bool |
     if not model_cfg.pretrained:
         return
     if is_transformer(name):
-        arch = _vit.TIMM_VITS.get(name)
+        arch = getattr(BACKBONES.get(name), "timm_arch", None)
         if arch is None:
             raise ConfigError(f"{section}.pretrained: backbone '{name}' has no pretrained weights; set "
                               f"{section}.pretrained=false or {section}.weights_file")

@@ -175,11 +175,18 @@ def _timm_vit(name: str, arch: str) -> Callable[[ModelConfig], Backbone]:
     return build
 
 
+def _transformer(build, timm_arch: str | None):
+    """Marks a builder as a vision transformer's (see :func:`wsss.models.backbones.is_transformer`); ``timm_arch``:
+    the timm architecture whose pretrained weights it loads (None: none exist)."""
+    build.transformer = True
+    build.timm_arch = timm_arch
+    return build
+
+
 for _name, _arch in TIMM_VITS.items():
-    BACKBONES.register(_name)(_timm_vit(_name, _arch))
+    BACKBONES.register(_name)(_transformer(_timm_vit(_name, _arch), _arch))
 
 
-@BACKBONES.register("vit_test")
 def vit_test(cfg: ModelConfig) -> Backbone:
     """A config-sized ViT for tests (patch 8, dim 64, depth 2, 2 heads); no pretrained weights exist for it."""
     from timm.models.vision_transformer import VisionTransformer
@@ -195,5 +202,7 @@ def vit_test(cfg: ModelConfig) -> Backbone:
     body = ViTFeatures(vit)
     return Backbone(body=body, out_channels=body.out_channels, stages=[])
 
+
+BACKBONES.register("vit_test")(_transformer(vit_test, None))
 
 __all__ = ["TIMM_VITS", "ViTFeatures", "load_vit_weights"]
