@@ -67,6 +67,7 @@ STAGES: tuple[StageDecl, ...] = (
     StageDecl(EVAL, evaluate.compute, evaluate.inputs, cached=False),
 )
 
+
 def used_splits(cfg) -> list[str]:
     """Every split (role or name) a run of ``cfg`` reads."""
     roles = ["train", *cfg.maps.splits, cfg.pseudo.split, cfg.eval.select_on]
