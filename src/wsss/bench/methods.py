@@ -47,10 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wsss.config import Config, load_config
-from wsss.config.load import parse_override
+from wsss.config.load import parse_override, read_yaml
 from wsss.errors import ConfigError, WsssError
 from wsss.layout import MAPS, PSEUDO, RunLayout
 from wsss.runs import atomic_write_json, atomic_write_text
@@ -128,17 +126,7 @@ def _override_list(entry: Any, where: str) -> list[str]:
 def load_method_overrides(path: str | Path) -> dict[str, list[str]]:
     """Read ``--method-overrides``: a YAML mapping of method name to a list of ``key=value`` strings or a mapping of
     settings (nested or dotted keys), e.g. ``acol: {method: {options: {threshold: 0.6}}}``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"method overrides file {path} does not exist")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if tree is None:
-        return {}
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{path}: expected a mapping of method name to overrides, got {type(tree).__name__}")
+    tree = read_yaml(path, "method overrides file")
     return {str(m): _override_list(v, f"{path}: {m}") for m, v in tree.items()}
 
 

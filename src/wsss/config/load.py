@@ -75,11 +75,12 @@ def _blame(e: ConfigError, file_tree: dict, file_label: str | None,
 _ABSENT = object()
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A config file's tree (``yaml.safe_load``); ConfigError naming the file if it is missing or not a mapping."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's tree (``yaml.safe_load``; empty file: ``{}``); ConfigError naming the file (as ``what``) if it is
+    missing, not YAML or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} does not exist")
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -87,7 +88,7 @@ def read_yaml(path: str | Path) -> dict:
     if loaded is None:
         loaded = {}
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(loaded).__name__}")
     return loaded
 
 

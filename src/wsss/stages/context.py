@@ -29,6 +29,8 @@ class RunContext:
         self.cfg = cfg
         self.layout = RunLayout(Path(cfg.runs_dir) / cfg.name)
         self.after_epoch = after_epoch
+        #: image files this command has decoded without error (the stages' checks decode each file once)
+        self.decoded_images: set[str] = set()
 
     @property
     def run_dir(self) -> Path:

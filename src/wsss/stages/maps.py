@@ -98,12 +98,18 @@ def class_indices(labels: torch.Tensor, scores: torch.Tensor | None, mode: str, 
     return idx, valid
 
 
-def _size_or_unique(path, i: int) -> tuple[int, int]:
-    """Header size for batching; an unreadable header gets a batch of its own, whose load then reports the error."""
-    try:
-        return image_size(path)
-    except DataError:
-        return (-1, i)
+def size_batches(samples, indices, batch_size: int) -> list[list[int]]:
+    """Batches of ``indices`` (into ``samples``) whose images have one size (read from the headers), so whole images
+    stack without padding; an unreadable header gets a batch of its own, whose load then reports the error."""
+
+    def size(i: int) -> tuple[int, int]:
+        try:
+            return image_size(samples[i].image)
+        except DataError:
+            return (-1, i)
+
+    indices = list(indices)
+    return [[indices[j] for j in b] for b in batches_by_size([size(i) for i in indices], batch_size)]
 
 
 def extract_split(ctx: RunContext, model, split_role: str, stage: Stage) -> dict:
@@ -136,8 +142,7 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
     todo = [i for i, s in enumerate(samples) if not usable_map_file(out_dir / f"{s.id}.npz")]
     if not todo:
         return {"images": len(samples), "computed": 0}
-    sizes = [_size_or_unique(samples[i].image, i) for i in todo]
-    batches = [[todo[j] for j in b] for b in batches_by_size(sizes, m.batch_size)]
+    batches = size_batches(samples, todo, m.batch_size)
     loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
                         num_workers=cfg.data.workers, collate_fn=_collate)
     localizer = build_localizer(m.localizer, m.target_layer)
@@ -188,8 +193,7 @@ def check(ctx: RunContext) -> None:
     build_localizer(m.localizer, m.target_layer)
     for role in m.splits:
         split = ctx.split_name(role)
-        if split != ctx.split_name("train"):  # the classifier's check decodes the training images
-            check_images(ctx.reader.samples(split), f"split '{split}'")
+        check_images(ctx, ctx.reader.samples(split), f"split '{split}'")  # files already decoded are skipped
 
 
 def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
@@ -218,4 +222,4 @@ def iter_maps(stage: Stage, ctx: RunContext, split: str):
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 
-__all__ = ["check", "compute", "extract", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]
+__all__ = ["check", "compute", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]

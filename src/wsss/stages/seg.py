@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss.config.typed import to_dict
-from wsss.data.datasets import InferenceDataset, SegmentationDataset, batches_by_size, stack
-from wsss.data.io import image_size, load_image, load_mask, save_mask_png
+from wsss.data.datasets import InferenceDataset, SegmentationDataset, stack
+from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
 from wsss.data.transforms import TrainTransform
 from wsss.engine.checkpoint import load_checkpoint
@@ -236,17 +236,7 @@ def check_predict(ctx: RunContext) -> None:
     if cfg.seg.crf_postprocess:
         check_crf_config(cfg.crf)
     split = ctx.split_name(cfg.seg.predict_split)
-    check_images(ctx.reader.samples(split), f"split '{split}' (seg.predict_split)")
-
-
-def _inference_batches(samples, batch_size: int) -> list[list[int]]:
-    sizes = []
-    for i, s in enumerate(samples):
-        try:
-            sizes.append(image_size(s.image))
-        except DataError:
-            sizes.append((-1, i))
-    return batches_by_size(sizes, batch_size)
+    check_images(ctx, ctx.reader.samples(split), f"split '{split}' (seg.predict_split)")
 
 
 def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
@@ -262,7 +252,7 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     palette = ctx.spec.palette_bytes()
     samples = ctx.reader.samples(split)
     todo = [i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
-    batches = [[todo[j] for j in b] for b in _inference_batches([samples[i] for i in todo], cfg.maps.batch_size)]
+    batches = maps_stage.size_batches(samples, todo, cfg.maps.batch_size)
     loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=cfg.data.workers,
                         collate_fn=stack)
     t0 = time.perf_counter()

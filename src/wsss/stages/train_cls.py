@@ -24,8 +24,10 @@ from wsss.stages.context import RunContext
 log = logging.getLogger("wsss.stages")
 
 
-def check_images(samples, what: str = "the training split") -> None:
-    """Decode every image once so that a corrupt file fails before any work, naming every bad file."""
+def check_images(ctx: RunContext, samples, what: str = "the training split") -> None:
+    """Decode every image once so that a corrupt file fails before any work, naming every bad file. Images this
+    command already decoded (another stage's check, e.g. the test split for maps and for prediction) are skipped."""
+    samples = [s for s in samples if str(s.image) not in ctx.decoded_images]
 
     def probe(s):
         try:
@@ -38,6 +40,7 @@ def check_images(samples, what: str = "the training split") -> None:
         errors = [e for e in pool.map(probe, samples) if e]
     if errors:
         raise DataError(f"{len(errors)} unreadable image(s) in {what}:\n  " + "\n  ".join(errors))
+    ctx.decoded_images.update(str(s.image) for s in samples)
 
 
 def training_samples(ctx: RunContext):
@@ -63,7 +66,7 @@ def check_label_spread(ctx: RunContext) -> dict:
 def check(ctx: RunContext) -> None:
     samples, _ = training_samples(ctx)
     check_label_spread(ctx)
-    check_images(samples, f"split '{ctx.split_name('train')}'")
+    check_images(ctx, samples, f"split '{ctx.split_name('train')}'")
     check_weights(ctx.cfg.model)
 
 
