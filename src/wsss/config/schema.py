@@ -294,6 +294,33 @@ class SegConfig:
     crf_postprocess: bool = False
     #: split predicted and scored (never trained on)
     predict_split: str = "test"
+    #: seed of the segmentation network's training alone (initialisation, crops, dropout); null = the run's ``seed``.
+    #: Another value retrains this stage and those after it, reusing the classifier, maps and pseudo masks
+    seed: int | None = bounded(None, ge=0, le=2**32 - 1)
+
+
+@dataclass
+class SelfTrainConfig:
+    """Self-training rounds (wsss.stages.self_train): round k's network relabels the training images, round k + 1
+    trains on those masks."""
+
+    #: rounds of the segmentation network; 1 = no self-training (round 1 trains on the pseudo masks)
+    rounds: int = bounded(1, ge=1, le=10)
+    #: round k + 1 starts from the seg.model weights (``imagenet``, like round 1) or from round k's network
+    init: Literal["imagenet", "previous"] = "imagenet"
+    #: views of the relabelling prediction (softmax averaged)
+    scales: list[float] = bounded(factory=lambda: [0.5, 1.0, 1.5], gt=0, nonempty=True)
+    flip: bool = True
+    #: dense CRF (crf.* kernels) of the label-restricted probabilities on the image, before the confidence rule
+    crf: bool = False
+    #: which pixels become ignore (255): ``threshold`` = winning probability below ``threshold``; ``quantile`` = per
+    #: predicted class, the least confident ``drop`` fraction of its pixels over the split; ``none`` = keep all
+    confidence: Literal["threshold", "quantile", "none"] = "threshold"
+    #: null = chosen on eval.select_on from ``candidates`` (see wsss.stages.self_train.confidence_value)
+    threshold: float | None = bounded(None, ge=0, lt=1)
+    drop: float | None = bounded(None, ge=0, lt=1)
+    #: values tried when ``threshold`` (or ``drop``) is null
+    candidates: list[float] = bounded(factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.8, 0.9], ge=0, lt=1, nonempty=True)
 
 
 @dataclass
@@ -324,4 +351,5 @@ class Config:
     crf: CrfConfig = field(default_factory=CrfConfig)
     saliency: SaliencyConfig = field(default_factory=SaliencyConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)

@@ -220,9 +220,10 @@ def bar_chart_svg(classes: Sequence[str], series: Sequence[tuple[str, str, dict]
 
 def sweep_chart_svg(sweeps: dict[str, list[dict]], coverage: bool, chosen: float | None = None,
                     x_label: str = "threshold", references: dict[str, float] | None = None,
-                    reference_label: str = "reference") -> str:
+                    reference_label: str = "reference", x_ticks: Sequence[float] | None = None) -> str:
     """mIoU (solid) and, with ``coverage``, the coverage (dashed) against the threshold, one colour per split.
-    ``references``: {split: mIoU}, drawn as a horizontal dotted line in the split's colour (``reference_label``)."""
+    ``references``: {split: mIoU}, drawn as a horizontal dotted line in the split's colour (``reference_label``).
+    ``x_ticks``: where to mark the x axis (default: six even steps)."""
     references = {k: v for k, v in (references or {}).items() if v is not None and k in sweeps}
     width, height = 660, 300
     ml, mr, mt, mb = 48, 20, 16, 46
@@ -250,8 +251,7 @@ def sweep_chart_svg(sweeps: dict[str, list[dict]], coverage: bool, chosen: float
         v = step * k
         out.append(f'<line x1="{ml}" y1="{py(v):.1f}" x2="{ml + pw}" y2="{py(v):.1f}" class="grid"/>'
                    f'<text x="{ml - 6}" y="{py(v) + 4:.1f}" class="tick" text-anchor="end">{v:g}</text>')
-    for k in range(6):
-        t = x0 + (x1 - x0) * k / 5
+    for t in (x_ticks if x_ticks is not None else [x0 + (x1 - x0) * k / 5 for k in range(6)]):
         out.append(f'<line x1="{px(t):.1f}" y1="{mt + ph}" x2="{px(t):.1f}" y2="{mt + ph + 4}" class="axis"/>'
                    f'<text x="{px(t):.1f}" y="{mt + ph + 17}" class="tick" text-anchor="middle">{t:g}</text>')
     out.append(f'<line x1="{ml}" y1="{mt + ph}" x2="{ml + pw}" y2="{mt + ph}" class="axis"/>'
@@ -550,6 +550,42 @@ def _charts(metrics: dict, spec: DatasetSpec | None, test_split: str | None) -> 
                        "label at that threshold.</p>")
     else:
         out.append('<p class="note">No sweep (no ground truth for the scored splits).</p>')
+    out.append(_self_training(metrics))
+    return "".join(out)
+
+
+def _self_training(metrics: dict) -> str:
+    """The self-training rounds as a curve (mIoU of each round's training masks and of its network per split) and a
+    table of the confidence rule per round."""
+    rounds = (metrics.get("self_training") or {}).get("rounds")
+    if not rounds:
+        return ""
+    curves: dict[str, list[dict]] = {}
+    for r in rounds:
+        if r["masks"].get("train_miou") is not None:
+            curves.setdefault("training masks", []).append({"threshold": r["round"], "miou": r["masks"]["train_miou"]})
+        for split, sc in (r.get("network") or {}).items():
+            curves.setdefault(f"network on {split}", []).append({"threshold": r["round"], "miou": sc["miou"]})
+    ks = [r["round"] for r in rounds]
+    out = ["<h2>Self-training rounds</h2>"]
+    if curves:
+        out.append(sweep_chart_svg(curves, coverage=False, x_label="round", x_ticks=ks))
+    head = ("<tr><th>round</th><th>masks</th><th>confidence rule (chosen on)</th><th>pixels kept</th>"
+            "<th>masks mIoU (train)</th>" + "".join(f"<th>network {_e(s)}</th>" for s in
+                                                     dict.fromkeys(s for r in rounds for s in (r.get("network") or {})))
+            + "</tr>")
+    splits = list(dict.fromkeys(s for r in rounds for s in (r.get("network") or {})))
+    rows = []
+    for r in rounds:
+        m = r["masks"]
+        rule = "–" if r["round"] == 1 else f"{_e(m.get('rule'))} {_e(m.get('rule_value'))} ({_e(m.get('chosen_on'))})"
+        kept = "–" if m.get("kept_fraction") is None else f"{100 * m['kept_fraction']:.1f}%"
+        nets = "".join(f"<td>{_num(((r.get('network') or {}).get(s) or {}).get('miou'))}</td>" for s in splits)
+        rows.append(f"<tr><td>{r['round']}</td><td>{_e(m.get('source'))}</td><td>{rule}</td><td>{kept}</td>"
+                    f"<td>{_num(m.get('train_miou'))}</td>{nets}</tr>")
+    out.append(f"<table>{head}{''.join(rows)}</table>")
+    out.append('<p class="note">Masks mIoU counts the pixels each round kept (ignored ones are left out). Each network '
+               "is scored alone (no image labels) with the run's inference settings.</p>")
     return "".join(out)
 
 

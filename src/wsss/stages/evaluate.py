@@ -119,6 +119,18 @@ def inputs(cfg) -> tuple[str, ...]:
 def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
     """``inputs``: every stage of the run so far (an uncached stage gets them all), whose records (keys, timings)
     go into metrics.json beside the scores."""
+    metrics = metrics_of(ctx, inputs)
+    write_metrics(ctx, metrics)
+    return metrics
+
+
+def write_metrics(ctx: RunContext, metrics: dict) -> None:
+    atomic_write_json(ctx.layout.metrics, metrics)
+
+
+def metrics_of(ctx: RunContext, inputs: dict, network: str = SEG) -> dict:
+    """The scores of the run's stages ``inputs`` (``compute`` writes them); ``inputs[network]`` is the segmentation
+    network whose predictions ``inputs[PRED]`` are (a later round's with self-training)."""
     t0 = time.perf_counter()
     pseudo, maps = inputs[PSEUDO], inputs[MAPS]
     info = pseudo.info()
@@ -153,7 +165,7 @@ def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
     }
     if SEG in inputs:
         if any(s.mask is not None for s in ctx.reader.samples(inputs[PRED].info()["split"])):
-            metrics["seg"] = _score_predictions(ctx, inputs[PRED], inputs[SEG])
+            metrics["seg"] = _score_predictions(ctx, inputs[PRED], inputs[network])
     scored = [*metrics["splits"], split, *([inputs[PRED].info()["split"]] if SEG in inputs else [])]
     unscored = [name for name in dict.fromkeys(scored)
                 if not any(s.mask is not None for s in ctx.reader.samples(name))]
@@ -171,7 +183,6 @@ def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
         metrics["timing"]["train_seconds"] = round(train_s, 1)
         metrics["timing"]["train_seconds_per_epoch"] = round(train_s / max(epochs, 1), 2)
     metrics["stages"] = {n: {k: v for k, v in r.items() if k != "entries"} for n, r in records.items()}
-    atomic_write_json(ctx.layout.metrics, metrics)
     return metrics
 
 
@@ -238,6 +249,12 @@ def summary_lines(metrics: dict) -> list[str]:
         what = f"segmentation network ({s['split']})"
         lines.append(f"  segmentation network ({s['backbone']}, trained on {s['masks']} masks) on {s['split']}: "
                      f"{score(what, s['split'], s['miou'])}  class-avg acc {s['class_avg_acc']}  pixel acc {s['pixel_acc']}")
+    for r in (metrics.get("self_training") or {}).get("rounds") or []:
+        m, net = r["masks"], r.get("network") or {}
+        rule = "" if r["round"] == 1 else (f", {m.get('rule')} {m.get('rule_value')} chosen on {m.get('chosen_on')}, "
+                                             f"{100 * (m.get('kept_fraction') or 0):.1f}% of pixels kept")
+        lines.append(f"  self-training round {r['round']}: masks ({m.get('source')}{rule}) train mIoU "
+                     f"{m.get('train_miou')}; network " + ", ".join(f"{s} {v['miou']}" for s, v in net.items()))
     if below:
         lines.append(f"  below a trivial baseline: {', '.join(below)}. These scores are worse than a rule that never "
                      "looks at the pixels; the image-level labels may not fit this data (see the label check, and "

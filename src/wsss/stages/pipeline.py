@@ -46,6 +46,7 @@ from wsss.stages import (
     maps,
     pseudo,
     seg,
+    self_train,
     train_cls,
 )
 from wsss.stages.context import RunContext
@@ -94,6 +95,10 @@ def with_refiner_stages(decls: list[StageDecl], cfg) -> list[StageDecl]:
     return [*decls[:at], *extra, *(with_inputs if d is pseudo_decl else d for d in decls[at:])]
 
 
+# Self-training rounds (``self_train.rounds`` > 1) come last: wsss.stages.self_train.declare_rounds inserts each
+# round's relabelling and training stages after ``seg`` and points ``pred`` and ``eval`` at the last round.
+
+
 class Pipeline:
     """The declaration of one config (after its recipe), with every stage's key."""
 
@@ -104,6 +109,7 @@ class Pipeline:
         if cfg.method.name in RECIPES:
             decls = RECIPES.get(cfg.method.name)(decls, cfg)
         decls = with_refiner_stages(decls, cfg)
+        decls = self_train.declare_rounds(decls, cfg)
         self.decls = {d.name: d for d in decls if d.enabled(cfg)}
         self._keys: dict[str, str] = {}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -103,11 +104,14 @@ def present_classes(samples: list[Sample], spec) -> torch.Tensor:
 class SegTask(TrainTask):
     name = "deeplabv3"
 
-    def __init__(self, cfg, samples, spec, masks):
+    def __init__(self, cfg, samples, spec, masks, init: Path | None = None):
+        """``init``: a segmentation checkpoint (``model.pt``) whose weights the network starts from, instead of the
+        ``seg.model`` initial weights (self-training's ``init: previous``)."""
+        cfg = dataclasses.replace(cfg, seed=seg_seed(cfg))
         sc, t = cfg.seg, cfg.seg.train
         super().__init__(cfg, LoopSettings(t.epochs, t.batch_size, t.lr, t.head_lr_mult, t.momentum, t.weight_decay,
                                            t.poly_power), seg_meta(sc.model, spec.classes))
-        self.samples, self.spec, self.masks = samples, spec, masks
+        self.samples, self.spec, self.masks, self.init = samples, spec, masks, init
         self.sec = None
         if sc.loss == "sec":
             self.name = "deeplabv3-sec"
@@ -117,7 +121,12 @@ class SegTask(TrainTask):
             self.present = present_classes(samples, spec)
 
     def build_model(self):
-        return DeepLabV3(self.cfg.seg.model, self.spec.num_classes)
+        if self.init is None:
+            return DeepLabV3(self.cfg.seg.model, self.spec.num_classes)
+        untrained = dataclasses.replace(self.cfg.seg.model, pretrained=False, weights_file=None)
+        model = DeepLabV3(untrained, self.spec.num_classes)
+        model.load_state_dict(load_checkpoint(self.init, self.meta)["model"])
+        return model
 
     def dataset(self):
         t = self.cfg.seg.train
@@ -128,8 +137,18 @@ class SegTask(TrainTask):
         if self.sec is not None:
             present = self.present[batch["index"].cpu()].to(out["logits_low"].device)
             return self.sec(out["logits_low"], batch["mask"], present, batch["image"])
-        loss = F.cross_entropy(out["logits"].float(), batch["mask"], ignore_index=self.spec.ignore_index)
+        logits = out["logits"].float()
+        if not (batch["mask"] != self.spec.ignore_index).any():
+            # every pixel of the batch ignored (confidence-filtered masks): no gradient, not NaN
+            loss = logits.sum() * 0.0
+        else:
+            loss = F.cross_entropy(logits, batch["mask"], ignore_index=self.spec.ignore_index)
         return loss, {"ce": float(loss.detach())}
+
+
+def seg_seed(cfg) -> int:
+    """The seed of the segmentation network's training: ``seg.seed``, or the run's ``seed`` when that is null."""
+    return cfg.seed if cfg.seg.seed is None else cfg.seg.seed
 
 
 def train_inputs(cfg) -> tuple[str, ...]:
@@ -143,7 +162,7 @@ def train_inputs(cfg) -> tuple[str, ...]:
 def train_settings(cfg) -> dict:
     """What changes the trained network besides its inputs: the seg section (network, schedule, loss; minus inference
     settings), the runtime's numerics and, per source of masks, what picks them."""
-    seg = without(cfg.seg, "scales", "flip", "predict_split", "crf_postprocess")
+    seg = without(cfg.seg, "scales", "flip", "predict_split", "crf_postprocess", "seed")
     if cfg.seg.loss != "sec":
         seg.pop("sec")  # SEC settings cannot change a cross-entropy training
     engine = {k: getattr(cfg.runtime, k) for k in ("precision", "channels_last", "devices")}
@@ -152,7 +171,7 @@ def train_settings(cfg) -> dict:
         source["crf"] = without(cfg.crf, "workers")
     if cfg.seg.masks == "gt" and cfg.seg.loss != "sec":
         source["data"] = without(cfg.data, "workers", "val_split", "test_split")
-    return {"seg": seg, "engine": engine, "source": source, "seed": cfg.seed}
+    return {"seg": seg, "engine": engine, "source": source, "seed": seg_seed(cfg)}
 
 
 def predict_settings(cfg) -> dict:
@@ -239,50 +258,70 @@ def check_predict(ctx: RunContext) -> None:
     check_images(ctx, ctx.reader.samples(split), f"split '{split}' (seg.predict_split)")
 
 
+def segmenter_on_device(ctx: RunContext, stage: Stage) -> tuple[DeepLabV3, torch.device]:
+    """The trained network of a segmentation stage, in eval mode on the inference device (channels_last where the
+    runtime asks for it)."""
+    device = maps_stage.inference_device(ctx.cfg)
+    model = load_segmenter(ctx, stage).to(device)
+    if ctx.cfg.runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, device
+
+
+def predict_batches(ctx: RunContext, model, device, samples: list[Sample], indices, scales, flip: bool,
+                    what: str) -> Iterator[tuple[dict, np.ndarray]]:
+    """``(batch, probs)`` for the images ``samples[i]``, ``i`` in ``indices``: batches of equal-sized images, the
+    softmax averaged over ``scales`` (and mirrors) at the image's size, float32 (B, C, H, W) on the CPU; bf16 autocast
+    where ``runtime.precision`` asks for it; images over :data:`MAX_PREDICT_PIXELS` predicted downscaled (with a
+    warning) and upscaled back. ``batch["downscaled"]`` says whether that happened."""
+    cfg = ctx.cfg
+    batches = maps_stage.size_batches(samples, indices, cfg.maps.batch_size)
+    loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=cfg.data.workers,
+                        collate_fn=stack)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
+    bar = tqdm(total=sum(map(len, batches)), desc=what, leave=False, disable=not cfg.runtime.progress,
+               mininterval=1.0)
+    for batch in loader:
+        x = batch["image"].to(device)
+        h, w = x.shape[-2:]
+        batch["downscaled"] = h * w > MAX_PREDICT_PIXELS
+        if batch["downscaled"]:
+            f = (MAX_PREDICT_PIXELS / (h * w)) ** 0.5
+            x = F.interpolate(x, size=(int(h * f), int(w * f)), mode="bilinear", align_corners=False)
+            log.warning("%s: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", what, len(x), w,
+                        h, x.shape[-1], x.shape[-2], ", ".join(batch["id"]))
+        if cfg.runtime.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast:
+            probs = predict_probs(model, x, scales, flip)
+        if probs.shape[-2:] != (h, w):
+            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+        yield batch, probs.float().cpu().numpy()
+        bar.update(len(batch["id"]))
+    bar.close()
+
+
 def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     """Segment ``seg.predict_split`` with the network alone (image labels are never read): batches of equal-sized
     images on the inference device, bf16 autocast where ``runtime.precision`` asks for it."""
     cfg = ctx.cfg
     split = ctx.split_name(cfg.seg.predict_split)
-    device = maps_stage.inference_device(cfg)
-    model = load_segmenter(ctx, inputs[SEG]).to(device)
-    if cfg.runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model, device = segmenter_on_device(ctx, inputs[SEG])
     out = stage.dir / split
     palette = ctx.spec.palette_bytes()
     samples = ctx.reader.samples(split)
     todo = [i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
-    batches = maps_stage.size_batches(samples, todo, cfg.maps.batch_size)
-    loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=cfg.data.workers,
-                        collate_fn=stack)
     t0 = time.perf_counter()
     done = downscaled = 0
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
-    bar = tqdm(total=len(todo), desc=f"predict {split}", leave=False, disable=not cfg.runtime.progress, mininterval=1.0)
-    for batch in loader:
-        x = batch["image"].to(device)
-        h, w = x.shape[-2:]
-        if h * w > MAX_PREDICT_PIXELS:
-            f = (MAX_PREDICT_PIXELS / (h * w)) ** 0.5
-            x = F.interpolate(x, size=(int(h * f), int(w * f)), mode="bilinear", align_corners=False)
-            log.warning("predict: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", len(x), w,
-                        h, x.shape[-1], x.shape[-2], ", ".join(batch["id"]))
-            downscaled += len(x)
-        if cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast:
-            probs = predict_probs(model, x, cfg.seg.scales, cfg.seg.flip)
-        if probs.shape[-2:] != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        probs = probs.float().cpu().numpy()
+    for batch, probs in predict_batches(ctx, model, device, samples, todo, cfg.seg.scales, cfg.seg.flip,
+                                        f"predict {split}"):
+        downscaled += len(batch["id"]) if batch["downscaled"] else 0
         for b, sample_id in enumerate(batch["id"]):
             p = probs[b]
             if cfg.seg.crf_postprocess:
                 p = dense_crf(load_image(samples[batch["index"][b]].image), p, cfg.crf)
             save_mask_png(out / f"{sample_id}.png", p.argmax(0).astype(np.uint8), palette)
         done += len(batch["id"])
-        bar.update(len(batch["id"]))
-    bar.close()
     elapsed = time.perf_counter() - t0
     return {"split": split, "images": len(samples), "downscaled": downscaled, "crf_postprocess": cfg.seg.crf_postprocess,
             "device": str(device), "images_per_s": round(done / max(elapsed, 1e-9), 2)}
