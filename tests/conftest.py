@@ -62,6 +62,13 @@ def kill_after_first_epoch(epoch: int) -> None:
         raise Killed
 
 
+@pytest.fixture(autouse=True)
+def private_saliency_cache(tmp_path_factory, monkeypatch):
+    """The saliency cache of every test (model files, stored maps) is a fresh temporary folder, never the user's
+    ~/.cache/wsss (wsss.saliency.cache.cache_dir reads WSSS_CACHE)."""
+    monkeypatch.setenv("WSSS_CACHE", str(tmp_path_factory.mktemp("wsss-cache")))
+
+
 @pytest.fixture
 def toy_root(tmp_path) -> Path:
     return make_voc_dataset(tmp_path / "toy")

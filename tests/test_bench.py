@@ -130,10 +130,10 @@ def test_rerun_through_the_cli_reuses_finished_runs(bench, capsys):
 
 
 def test_a_crashing_run_is_reported_and_the_others_finish(bench):
-    # a file where seed 7's classifier folder must go: that run's process crashes inside the classifier stage
+    # a file where seed 7's stage store must go: that run's process crashes (an OSError) in its first stage
     blocked = bench.run_dir("cam", 7)
     blocked.mkdir(parents=True)
-    (blocked / "cls").write_text("not a folder")
+    (blocked / "store").write_text("not a folder")  # the stage store cannot be made: an OSError, not a wsss error
     res = bench(seeds=[0, 7], out=bench.runs / "crash")
     rows = {r["method"]: r for r in res["rows"]}
     cam = rows["cam"]

@@ -94,3 +94,40 @@ def test_pred_labels_mode_uses_classifier_scores(fast_cfg):
     stage = run_stage(RunContext(fast_cfg(**settings, **{"maps.pred_threshold": threshold})), "maps")
     got = {s.id: set(load_maps(stage.dir / "val" / f"{s.id}.npz")["classes"].tolist()) for s in samples}
     assert got == want, (threshold, scores)
+
+
+def test_variants_sit_side_by_side_and_gc_removes_what_the_latest_config_does_not_use(fast_cfg, capsys, caplog):
+    """Weak run, then the upper bound in the same run: classifier, maps and pseudo masks reused, the weak network
+    and its scores kept; switching a setting back reuses its first variant; gc removes only unused variants."""
+    weak = RunContext(fast_cfg())
+    d = weak.run_dir
+    m_weak = run_stage(weak, "eval")
+    seg_weak = (d / "seg").resolve()
+    maps_first = (d / "maps").resolve()
+    cls_mtime = (d / "cls" / "model.pt").stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="wsss.pipeline"):
+        m_gt = run_stage(RunContext(fast_cfg(**{"seg.masks": "gt"})), "eval")
+    for stage in ("maps", "pseudo"):  # complete, so the classifier before them is not even looked at
+        assert f"{stage}: reusing" in caplog.text
+    assert (d / "cls" / "model.pt").stat().st_mtime_ns == cls_mtime
+    assert m_gt["stage_keys"]["cls"] == m_weak["stage_keys"]["cls"]
+    assert (d / "seg").resolve() != seg_weak and (seg_weak / "model.pt").exists()  # the weak network is kept
+    kept = {p.stem: json.loads(p.read_text()) for p in (d / "metrics").glob("*.json")}
+    assert {m["seg"]["masks"] for m in kept.values()} == {"pseudo", "gt"}  # and the weak scores
+    assert kept[m_weak["metrics_key"]]["seg"]["miou"] == m_weak["seg"]["miou"]
+
+    # a maps setting changed and changed back: the first maps are reused, not recomputed
+    map_file = next((maps_first / "train").glob("*.npz"))
+    mtime = map_file.stat().st_mtime_ns
+    run_stage(RunContext(fast_cfg(**{"seg.masks": "gt", "maps.flip": False})), "maps")
+    assert (d / "maps").resolve() != maps_first
+    run_stage(RunContext(fast_cfg(**{"seg.masks": "gt"})), "eval")
+    assert (d / "maps").resolve() == maps_first and map_file.stat().st_mtime_ns == mtime
+
+    assert main(["runs", str(d)]) == 0
+    listing = capsys.readouterr().out
+    assert seg_weak.name in listing and "evaluations kept" in listing
+    assert main(["gc", str(d), "--yes"]) == 0
+    assert not seg_weak.exists()
+    assert sorted(p.name for p in (d / "store" / "maps").iterdir()) == [maps_first.name]  # the flip variant is gone
+    assert (d / "seg" / "model.pt").exists() and (d / "cls" / "model.pt").exists()

@@ -164,7 +164,7 @@ def test_classical_saliency_of_a_flat_image_is_zero_and_bad_options_are_named():
         build_source(SaliencyConfig(source="spectral_residue"))
     with pytest.raises(TypeError, match="uint8"):
         build_source(SaliencyConfig())(flat.astype(np.float32), None)
-    assert {"spectral_residual", "frequency_tuned", "onnx", "folder"} <= set(SALIENCY_SOURCES.names())
+    assert {"spectral_residual", "frequency_tuned", "onnx", "u2net", "u2netp", "folder"} <= set(SALIENCY_SOURCES.names())
 
 
 # -- onnx --------------------------------------------------------------------------------------------------------
@@ -348,6 +348,32 @@ def test_saliency_pseudo_stage_end_to_end_with_a_trained_classifier_and_crf(tmp_
     no_seg = dataclasses.replace(cfg, seg=dataclasses.replace(cfg.seg, enabled=False))
     sel = pipeline.run(RunContext(no_seg), "eval")["eval"]["selection"]
     assert sel["saliency_threshold"] == info["saliency_threshold"] and sel["saliency_chosen_on"] == "val"
+
+
+def test_model_saliency_is_computed_once_per_image_and_reused_when_the_pseudo_stage_is_redone(tmp_path, monkeypatch):
+    pytest.importorskip("onnx")
+    from wsss.saliency.onnx_model import OnnxSaliency
+
+    model = mean_sigmoid_model(tmp_path / "sal.onnx")
+    cache = tmp_path / "salcache"
+    sal = {"saliency.source": "onnx", "saliency.onnx_path": model, "saliency.cache_dir": str(cache)}
+    ctx = RunContext(bg_cfg(tmp_path, **sal))
+    seed_part_maps(ctx)
+    runs = []
+    forward = OnnxSaliency.forward
+    monkeypatch.setattr(OnnxSaliency, "forward", lambda self, x: runs.append(1) or forward(self, x))
+    first = run_stage(ctx, PSEUDO)
+    assert len(runs) == 12  # train (8) and val (4, the threshold's sweep): once each, up front; then read back
+    assert len(list((cache / "maps").glob("onnx-*/*.png"))) == 12
+    # another fusion setting: the pseudo stage is redone, the saliency read back
+    again = RunContext(bg_cfg(tmp_path, **sal, **{"saliency.ignore_band": 0.02}))
+    second = run_stage(again, PSEUDO)
+    assert second.info()["complete"] and len(runs) == 12
+    assert second.info()["saliency_threshold"] == first.info()["saliency_threshold"]
+    # where the maps are kept is in no key
+    key = Pipeline(ctx).key(PSEUDO)
+    assert key == Pipeline(RunContext(bg_cfg(tmp_path, **{**sal, "saliency.cache_dir": str(tmp_path / "x"),
+                                                           "saliency.cache_maps": False}))).key(PSEUDO)
 
 
 def test_saliency_settings_key_the_pseudo_stage_only_when_used(tmp_path):

@@ -92,13 +92,17 @@ def test_files_wsss_did_not_write_are_refused_never_deleted(wsss):
     assert notes.read_text() == "my notes"
     notes.unlink()
     assert wsss("train-cls", **{"train.epochs": 1})[0] == 0
-    # a finished stage with a user's file in it, whose settings then change: refused, everything kept
+    # a finished stage with a user's file in it, whose settings then change: the new variant is computed beside
+    # it, and the old one, the user's file with it, is kept -- by `wsss gc` too (it holds a file wsss did not write)
     notes.write_text("my notes")
     model = wsss.run_dir / "cls" / "model.pt"
-    before = _mtime(model)
-    rc, err = wsss("train-cls", **{"train.epochs": 2})
-    assert rc == 2 and "notes.txt" in err
-    assert notes.exists() and _mtime(model) == before
+    first = model.resolve()
+    before = _mtime(first)
+    assert wsss("train-cls", **{"train.epochs": 2})[0] == 0
+    assert model.resolve() != first and not notes.exists()  # <run>/cls is the new variant
+    assert (first.parent / "notes.txt").read_text() == "my notes" and _mtime(first) == before
+    assert main(["gc", str(wsss.run_dir), "--yes"]) == 0
+    assert (first.parent / "notes.txt").exists() and first.exists()
 
 
 def test_a_damaged_map_file_is_recomputed_on_resume_and_named_when_read(wsss, caplog):

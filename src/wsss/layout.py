@@ -9,7 +9,9 @@ Every other module (stages, evaluation, report, benchmarks) asks a :class:`RunLa
     <run>/pseudo/<split>/      pseudo masks, palette PNG (255 = ignore)
     <run>/seg/                 segmentation network
     <run>/pred/<split>/        predictions of the segmentation network alone
-    <run>/metrics.json         every number the run measured
+    <run>/metrics.json         every number the run measured (the latest evaluation)
+    <run>/metrics/<key>.json   every evaluation, by the keys of the stage variants it scored
+    <run>/store/<stage>/<key>/ every variant of every stage (settings hash); <run>/<stage> links to the latest used
     <run>/report/index.html    the HTML report
     <run>/bench.json           peak memory of the invocations, when made by `wsss bench methods`
 
@@ -42,6 +44,16 @@ class RunLayout:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.json"
+
+    def metrics_variant(self, key: str) -> Path:
+        """metrics.json of one combination of stage variants (every evaluation is kept; ``metrics.json`` is the
+        latest)."""
+        return self.root / "metrics" / f"{key}.json"
+
+    @property
+    def store(self) -> Path:
+        """Every variant of every stage: ``store/<stage>/<key>/``; ``<run>/<stage>`` links to the latest one used."""
+        return self.root / "store"
 
     @property
     def lock(self) -> Path:

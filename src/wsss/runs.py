@@ -1,7 +1,9 @@
 """Run directories: atomic writes and config-keyed stage caching.
 
-A stage writes into ``runs/<name>/<stage>/`` and records in ``stage.json`` the hash of the config sections that
-produced it. Rerunning with the same hash reuses the output; a different hash clears the folder and recomputes.
+A stage writes into ``runs/<name>/store/<stage>/<key>/``, ``key`` being the hash of the config sections that produced
+it, and ``runs/<name>/<stage>`` links to the variant the latest command used. Rerunning with the same hash reuses the
+output; a different hash computes a variant beside the others, so going back to earlier settings reuses theirs
+(``wsss runs`` lists the variants, ``wsss gc`` removes those the latest config does not use).
 Per-item outputs (one map file per image) written under the same hash survive a killed run and are not recomputed.
 A stage is only trusted by later stages once ``stage.json`` says ``complete``; ``stage.json`` also lists the entries
 the stage wrote, so that wsss never deletes a file it did not write. :class:`RunLock` keeps two commands from writing
@@ -66,67 +68,136 @@ class atomic_path:
         return False
 
 
-class Stage:
-    """One stage's output folder, keyed by the hash of the config that produces it.
+#: the folder of a run directory that holds every variant of every stage: ``<run>/store/<stage>/<key>/``
+STORE = "store"
 
-    Only what wsss wrote is ever deleted: a folder without ``stage.json`` that holds files, or a finished stage
-    folder holding entries its record does not list (files a user put there), is refused with an error naming them,
-    never emptied.
+
+class Stage:
+    """One variant of a stage: the outputs of the settings whose hash is ``key``.
+
+    Variants live side by side in ``<run>/store/<name>/<key>/``; ``<run>/<name>`` is a symbolic link to the variant
+    the latest command used (:meth:`activate`), so readers see the current outputs at a fixed path. A variant is only
+    trusted by later stages once its ``stage.json`` says ``complete``; ``stage.json`` also lists the entries the
+    stage wrote, so that wsss never deletes a file it did not write (``wsss gc`` keeps a variant holding one).
+
+    A run directory of the layout before the store (``<run>/<name>/`` a folder with a ``stage.json``) is moved into
+    the store under its recorded key on first use; a folder at ``<run>/<name>`` without ``stage.json`` that holds
+    files is refused with an error naming them, never moved or emptied.
     """
 
     def __init__(self, run_dir: Path, name: str, key: str):
-        self.dir = Path(run_dir) / name
+        self.run_dir = Path(run_dir)
         self.name = name
         self.key = key
+        self.link = self.run_dir / name
+        self.dir = self.run_dir / STORE / name / key
         self._meta_path = self.dir / "stage.json"
 
     def _meta(self) -> dict:
-        try:
-            return json.loads(self._meta_path.read_text())
-        except (OSError, ValueError):
-            return {}
+        return read_meta(self.dir)
 
     @property
     def complete(self) -> bool:
         meta = self._meta()
         return meta.get("key") == self.key and meta.get("complete", False)
 
-    def _entries(self) -> list[str]:
-        return sorted(p.name for p in self.dir.iterdir() if p.name != "stage.json") if self.dir.is_dir() else []
-
     def foreign_entries(self) -> list[str]:
-        """Entries of the folder that wsss did not write (and so will not delete)."""
-        if not self.dir.is_dir():
-            return []
-        if not self._meta_path.exists():
-            return self._entries()
-        meta = self._meta()
-        if meta.get("complete") and "entries" in meta:
-            return [e for e in self._entries() if e not in set(meta["entries"]) and not e.startswith(".")]
-        return []  # an unfinished stage: everything in it was written by the computation that was cut short
+        """Entries of the variant's folder that wsss did not write."""
+        return foreign_entries(self.dir)
+
+    def _adopt_legacy(self) -> None:
+        """``<run>/<name>`` as a plain folder: a stage of the layout before the store is moved into it under its
+        recorded key; an empty folder is removed; anything else is refused."""
+        link = self.link
+        if link.is_symlink() or not link.exists():
+            return
+        if not link.is_dir():
+            raise DataError(f"{link} is a file that wsss did not write, where stage '{self.name}' links to its outputs; "
+                            "move it elsewhere (or use another run name) and rerun")
+        meta = read_meta(link)
+        if isinstance(meta.get("key"), str) and meta["key"]:
+            target = self.run_dir / STORE / self.name / meta["key"]
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(link, target)
+                return
+        entries = sorted(p.name for p in link.iterdir())
+        if not entries:
+            link.rmdir()
+            return
+        raise DataError(f"{link} holds {', '.join(entries[:10])}{' ...' if len(entries) > 10 else ''}, which wsss did "
+                        f"not write; stage '{self.name}' keeps its outputs in {self.run_dir / STORE / self.name} and "
+                        f"links them at {link}. Move these files elsewhere (or use another run name) and rerun")
+
+    def activate(self) -> None:
+        """Point ``<run>/<name>`` at this variant (atomically)."""
+        self._adopt_legacy()
+        target = Path(STORE) / self.name / self.key
+        if self.link.is_symlink() and Path(os.readlink(self.link)) == target:
+            return
+        tmp = self.run_dir / f".{self.name}.{os.getpid()}.link"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, self.link)
 
     def open(self) -> bool:
-        """Prepare the folder for (re)computation. Returns True when earlier partial work with the same key is kept.
-        Output of a different key is deleted, unless the folder holds entries wsss did not write (DataError)."""
+        """Prepare the variant for (re)computation and make it the current one. Returns True when earlier partial
+        work of this variant is kept. Other variants are never touched."""
+        self._adopt_legacy()
         meta = self._meta()
-        if meta.get("key") == self.key:
-            return True
-        foreign = self.foreign_entries()
-        if foreign:
-            raise DataError(f"{self.dir} holds {', '.join(foreign[:10])}{' ...' if len(foreign) > 10 else ''}, "
-                            f"which wsss did not write; its stage '{self.name}' must be recomputed, but wsss only "
-                            "deletes its own outputs. Move these files elsewhere (or use another run name) and rerun")
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self._meta_path, {"key": self.key, "complete": False})
-        return False
+        resumed = meta.get("key") == self.key
+        if not resumed:
+            if self.dir.exists():  # created, but killed before its record was written: nothing in it is finished
+                shutil.rmtree(self.dir)
+            self.dir.mkdir(parents=True)
+            atomic_write_json(self._meta_path, {"key": self.key, "complete": False})
+        self.activate()
+        return resumed
 
     def finish(self, **info: Any) -> None:
-        atomic_write_json(self._meta_path, {"key": self.key, "complete": True, **info, "entries": self._entries()})
+        atomic_write_json(self._meta_path, {"key": self.key, "complete": True, **info, "entries": _entries(self.dir)})
 
     def info(self) -> dict:
         return self._meta()
+
+
+def read_meta(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / "stage.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _entries(folder: Path) -> list[str]:
+    folder = Path(folder)
+    return sorted(p.name for p in folder.iterdir() if p.name != "stage.json") if folder.is_dir() else []
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Entries of a stage folder that wsss did not write (and so will not delete): everything, without a record;
+    what a finished record does not list; nothing in an unfinished one (written by the computation cut short)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if not (folder / "stage.json").exists():
+        return _entries(folder)
+    meta = read_meta(folder)
+    if meta.get("complete") and "entries" in meta:
+        return [e for e in _entries(folder) if e not in set(meta["entries"]) and not e.startswith(".")]
+    return []
+
+
+def folder_size(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (links not followed)."""
+    total = 0
+    for root, _dirs, files in os.walk(folder):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(root, f)).st_size
+            except OSError:
+                pass
+    return total
 
 
 class RunLock:

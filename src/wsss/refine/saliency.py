@@ -22,7 +22,10 @@ modes the two ignore options expose. The threshold is chosen on the selection sp
 :class:`~wsss.evaluation.ThresholdSweep` of the fusion, never on the reported split.
 
 As a refiner (:class:`SaliencyFusion`, ``pseudo.refiners: [saliency]``) it takes maps and gives the fused mask; its
-settings are the ``saliency`` section, its source one of :data:`wsss.saliency.SALIENCY_SOURCES`. Followed by the
+settings are the ``saliency`` section, its source one of :data:`wsss.saliency.SALIENCY_SOURCES`. A model source
+(``onnx``, ``u2net``, ``u2netp``) computes every map the stage needs once, up front, and keeps it in the saliency
+cache (:mod:`wsss.saliency.cache`), so a pseudo stage recomputed for another threshold or CRF setting, or another
+run on the same images, does not run the model again. Followed by the
 dense CRF (``[saliency, crf]``), the fused mask is refined as IRN refines labels
 (:func:`wsss.refine.crf.crf_refine_mask`); zero-saliency pixels are handed on as fixed, so they stay background.
 
@@ -124,17 +127,25 @@ class SaliencyFusion(Refiner):
         self.threshold: float | None = cfg.saliency.threshold
         self.choice: dict = {"saliency_chosen_on": "config"} if self.threshold is not None else {}
 
-    def check(self, ctx: Any) -> None:
-        """Settings, the source (built: a model file that does not fit fails here) and every image that will need
-        a map: the pseudo split's, and the selection split's when the threshold is chosen there."""
-        sal, cfg = self.cfg.saliency, self.cfg
-        check_saliency_config(sal, ctx.spec)
-        roles = [cfg.pseudo.split] + ([cfg.eval.select_on] if sal.threshold is None else [])
+    def samples(self, ctx: Any) -> list:
+        """Every image that will need a map: the pseudo split's, and the selection split's when the threshold is
+        chosen there."""
+        cfg = self.cfg
+        roles = [cfg.pseudo.split] + ([cfg.eval.select_on] if cfg.saliency.threshold is None else [])
         splits = dict.fromkeys(map(ctx.split_name, roles))
-        build_source(sal).check([s for split in splits for s in ctx.reader.samples(split)])
+        return [s for split in splits for s in ctx.reader.samples(split)]
+
+    def check(self, ctx: Any) -> None:
+        """Settings, the source (built: a model file that is missing and cannot be fetched, or does not fit, fails
+        here) and every image that will need a map."""
+        check_saliency_config(self.cfg.saliency, ctx.spec)
+        build_source(self.cfg.saliency).check(self.samples(ctx))
 
     def prepare(self, ctx: Any, stages: Any) -> None:
         self.source = build_source(self.cfg.saliency)
+        # a model source computes each image's map once, here, with a progress bar, and keeps it in the saliency
+        # cache: the threshold sweep, the masks and later runs read it back
+        self.source.precompute(self.samples(ctx), progress=self.cfg.runtime.progress)
 
     def chooses(self) -> str | None:
         return "saliency.threshold" if self.cfg.saliency.threshold is None else None

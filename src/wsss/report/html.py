@@ -436,6 +436,11 @@ def _headline(metrics: dict) -> str:
              '<p class="note">Scores in percent. "map" columns: the localization maps turned into masks by the '
              "pseudo-mask rule, scored against the ground truth; the pseudo-mask row scores the masks as written"
              + ("; the segmentation-network row scores its predictions alone" if g else "") + ".</p>"]
+    sup = metrics.get("supervision")
+    if sup:
+        about = "; ".join(f"<b>{_e(k)}</b> = {_e(v)}" for k, v in sorted(sup["about"].items()))
+        notes.append(f'<p class="supervision">Supervision: maps <b>{_e(sup["maps"])}</b>, pseudo masks '
+                     f'<b>{_e(sup["pseudo"])}</b>, segmentation network <b>{_e(sup["seg"])}</b> ({about}).</p>')
     t = metrics.get("timing") or {}
     bits = []
     if t.get("train_seconds") is not None:

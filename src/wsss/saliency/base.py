@@ -8,19 +8,26 @@ precomputed maps needs its id). Sources are registered by name in :data:`SALIENC
 with a :class:`~wsss.errors.ConfigError` naming the key.
 
 :meth:`SaliencySource.__call__` is the one place that enforces the contract (input an HxWx3 uint8 image, output an
-image-sized finite map in [0, 1]), so a source only says how its map is computed.
+image-sized finite map in [0, 1]), so a source only says how its map is computed. It is also where a model source's
+maps (:attr:`SaliencySource.stores_maps`: seconds per image) are read from and written to the saliency cache
+(:mod:`wsss.saliency.cache`), so each image's map is computed once; :meth:`SaliencySource.precompute` fills the cache
+for a list of images up front, with a progress bar.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from wsss.config.schema import SaliencyConfig
 from wsss.registry import Registry
+from wsss.saliency.cache import MapCache, cache_dir, dequantize, quantize
+
+log = logging.getLogger("wsss.saliency")
 
 #: settings of the saliency section that every source's output depends on (through the fusion)
 COMMON_OPTIONS = ("source", "threshold", "ignore_band", "min_cam")
@@ -31,9 +38,30 @@ class SaliencySource:
 
     #: the ``saliency.*`` keys this source reads; with :meth:`fingerprint` they enter the pseudo stage key
     options: tuple[str, ...] = ()
+    #: a model source: its maps are quantised to 16 bits and, with ``saliency.cache_maps``, stored per image under
+    #: :meth:`identity` and read back by later runs (:mod:`wsss.saliency.cache`)
+    stores_maps: ClassVar[bool] = False
+    #: whether the source learned from pixel labels (a salient-object network trained on DUTS): figures that use it
+    #: are "image labels + saliency" (I+S) in metrics.json and the report; a fixed image transform sets False
+    pixel_supervised: ClassVar[bool] = True
 
     def __init__(self, cfg: SaliencyConfig):
         self.cfg = cfg
+        self._maps: MapCache | None = None
+
+    def identity(self) -> dict:
+        """What, besides the image, determines the maps of a :attr:`stores_maps` source (the model file's sha256, its
+        settings); JSON-able."""
+        raise NotImplementedError
+
+    @property
+    def map_cache(self) -> MapCache | None:
+        """Where this source's maps are stored; None when it stores none."""
+        if not (self.stores_maps and self.cfg.cache_maps):
+            return None
+        if self._maps is None:
+            self._maps = MapCache(cache_dir(self.cfg.cache_dir), {"source": self.cfg.source, **self.identity()})
+        return self._maps
 
     def compute(self, image: np.ndarray, sample: Any) -> np.ndarray:
         """(H, W) saliency of ``image`` (HxWx3 uint8 RGB); any float dtype; values in [0, 1]."""
@@ -47,10 +75,35 @@ class SaliencySource:
         """What identifies the files this source reads (for stage keys); cheap, and never raises."""
         return {}
 
+    def precompute(self, samples: Sequence[Any], progress: bool = True) -> int:
+        """Compute and store the map of every sample not stored yet (a :attr:`stores_maps` source with
+        ``saliency.cache_maps``), with a progress bar; returns how many were computed. Other sources do nothing here:
+        their maps are computed when asked for. An interrupted call keeps the maps it stored."""
+        cache = self.map_cache
+        if cache is None or not samples:
+            return 0
+        from tqdm import tqdm
+
+        from wsss.data.io import load_image
+
+        done = 0
+        for s in tqdm(samples, desc=f"saliency {self.cfg.source}", unit="img", leave=False, disable=not progress,
+                      mininterval=1.0):
+            image = load_image(s.image)
+            if not cache.has(image):
+                self(image, s)
+                done += 1
+        log.info("saliency %s: %d maps computed, %d already stored in %s", self.cfg.source, done, len(samples) - done,
+                 cache.dir)
+        return done
+
     def __call__(self, image: np.ndarray, sample: Any = None) -> np.ndarray:
         if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             what = f"{image.dtype} array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
             raise TypeError(f"saliency: the image must be an HxWx3 uint8 RGB array (as loaded), got {what}")
+        cache = self.map_cache
+        if cache is not None and (stored := cache.get(image)) is not None:
+            return stored
         out = np.asarray(self.compute(image, sample), dtype=np.float32)
         name = type(self).__name__
         if out.shape != image.shape[:2]:
@@ -62,7 +115,12 @@ class SaliencySource:
         if out.size and (out.min() < -1e-3 or out.max() > 1 + 1e-3):
             raise ValueError(f"saliency source {name} returned values in [{out.min():.4g}, {out.max():.4g}], "
                              "outside [0, 1]")
-        return np.clip(out, 0.0, 1.0)
+        out = np.clip(out, 0.0, 1.0)
+        if self.stores_maps:  # the same map whether it is stored and read back or not
+            out = dequantize(quantize(out))
+            if cache is not None:
+                cache.put(image, out)
+        return out
 
 
 SALIENCY_SOURCES: Registry[type[SaliencySource]] = Registry("saliency source")

@@ -119,6 +119,8 @@ def frequency_tuned(image: np.ndarray) -> np.ndarray:
 @SALIENCY_SOURCES.register("spectral_residual")
 class SpectralResidual(SaliencySource):
     options = ("sr_width", "sr_blur_sigma")
+    #: a fixed image transform: no pixel labels behind it (figures stay "I", not "I+S")
+    pixel_supervised = False
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -134,5 +136,7 @@ class SpectralResidual(SaliencySource):
 
 @SALIENCY_SOURCES.register("frequency_tuned")
 class FrequencyTuned(SaliencySource):
+    pixel_supervised = False
+
     def compute(self, image: np.ndarray, sample: Any) -> np.ndarray:
         return frequency_tuned(image)

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
+from wsss.config import config_hash
 from wsss.data.datasets import label_vector
 from wsss.evaluation import ThresholdSweep, average_precision, confusion_matrix, segmentation_scores
 from wsss.evaluation.baselines import DESCRIPTIONS, LABELS, TRIVIAL, BaselineScorer, training_stats
@@ -112,6 +113,36 @@ def trivial_baselines(reader, train_split: str, splits: Sequence[str]) -> dict |
     return out
 
 
+#: what a figure was learned from, as the WSSS literature labels it
+SUPERVISION = {
+    "I": "image-level labels",
+    "I+S": "image-level labels + a saliency network trained with pixel-level masks of salient objects (e.g. DUTS)",
+    "F": "pixel-level masks (full supervision)",
+}
+
+
+def supervision_of(cfg) -> dict:
+    """The supervision behind the maps, the pseudo masks and the segmentation network of a run: ``I`` (image labels),
+    ``I+S`` (and a saliency network trained with pixel masks: a saliency source whose class does not set
+    ``pixel_supervised = False``, or a method whose class sets ``uses_saliency``) or ``F`` (``seg.masks=gt``)."""
+    from wsss.methods import METHODS
+    from wsss.saliency import SALIENCY_SOURCES
+
+    method = METHODS.get(cfg.method.name)
+    maps = "I+S" if getattr(method, "uses_saliency", False) else "I"
+    saliency = None
+    if "saliency" in cfg.pseudo.refiners or maps == "I+S":
+        source = SALIENCY_SOURCES.get(cfg.saliency.source)
+        if getattr(source, "pixel_supervised", True):
+            saliency = cfg.saliency.source
+    pseudo = "I+S" if maps == "I+S" or saliency else "I"
+    seg = "F" if cfg.seg.masks == "gt" else pseudo
+    out = {"maps": maps, "pseudo": pseudo, "seg": seg, "about": {k: SUPERVISION[k] for k in {maps, pseudo, seg}}}
+    if saliency:
+        out["saliency_source"] = saliency
+    return out
+
+
 def inputs(cfg) -> tuple[str, ...]:
     return (MAPS, PSEUDO, SEG, PRED) if cfg.seg.enabled else (MAPS, PSEUDO)
 
@@ -125,6 +156,11 @@ def compute(ctx: RunContext, inputs: dict, stage=None) -> dict:
 
 
 def write_metrics(ctx: RunContext, metrics: dict) -> None:
+    """``metrics.json`` (the latest) and ``metrics/<key>.json``, keyed by the stage variants it scored, so that the
+    scores of every variant a run holds stay readable after other settings were run."""
+    key = config_hash("eval", metrics.get("stage_keys") or {})
+    metrics["metrics_key"] = key
+    atomic_write_json(ctx.layout.metrics_variant(key), metrics)
     atomic_write_json(ctx.layout.metrics, metrics)
 
 
@@ -145,6 +181,7 @@ def metrics_of(ctx: RunContext, inputs: dict, network: str = SEG) -> dict:
         "localizer": cfg.maps.localizer,
         "seed": cfg.seed,
         "image_labels": cfg.maps.labels,
+        "supervision": supervision_of(cfg),
         "selection": {k: info.get(k) for k in ("bg_threshold", "chosen_on", "reason", "miou_on_selection_split",
                                                "saliency_threshold", "saliency_chosen_on",
                                                "saliency_miou_on_selection_split")
@@ -215,6 +252,10 @@ def summary_lines(metrics: dict) -> list[str]:
     """The headline numbers, for the terminal, each with the best trivial baseline of its split beside it."""
     lines = [f"run {metrics['run']}: {metrics['method']} / {metrics['backbone']} / {metrics['localizer']} "
              f"on {metrics['dataset']} (seed {metrics['seed']})"]
+    sup = metrics.get("supervision")
+    if sup:
+        lines.append(f"  supervision: maps {sup['maps']}, pseudo masks {sup['pseudo']}, segmentation network "
+                     f"{sup['seg']} ({'; '.join(f'{k} = {v}' for k, v in sorted(sup['about'].items()))})")
     check = label_check_of(metrics)
     if check and check.get("common"):
         lines.append(f"  label check ({check.get('verdict')}): {len(check['common'])} class(es) on at least "

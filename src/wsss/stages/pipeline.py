@@ -173,7 +173,8 @@ class Pipeline:
                     continue
                 stage = self.stage(n)
                 if stage.complete:
-                    log.info("%s: reusing %s (config unchanged)", n, stage.dir)
+                    stage.activate()
+                    log.info("%s: reusing %s (computed earlier with these settings)", n, stage.dir)
                     results[n] = stage
                     continue
                 inputs = {i: results[i] for i in self.inputs(n)}
