@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -134,3 +135,34 @@ def test_flip_aggregation_is_explicit():
     mx, _ = multiscale_maps(model, loc, x, idx, scales=[1.0, 0.5], flip=True, aggregate="max", normalize="none")
     torch.testing.assert_close(s / 4, m)
     assert (mx <= s + 1e-6).all() and (mx > m - 1e-6).all()
+
+
+def test_map_files_are_compact_and_read_back_within_half_a_level(tmp_path):
+    from wsss.localize import load_maps, save_maps
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:40, 0:60] / 60.0
+    maps = np.stack([np.clip(np.sin(3 * xx + yy), 0, 1), rng.uniform(0, 1, (40, 60))]).astype(np.float32)
+    maps[0, 0, 0], maps[1, 0, 0] = 1.0, 0.0
+    classes, scores = np.array([2, 5]), np.array([0.1, 0.9], np.float32)
+    save_maps(tmp_path / "a.npz", maps, classes, scores)
+    back = load_maps(tmp_path / "a.npz")
+    assert back["maps"].dtype == np.float32 and np.abs(back["maps"] - maps).max() <= 0.5 / 255 + 1e-7
+    assert back["maps"][0, 0, 0] == 1.0 and back["maps"][1, 0, 0] == 0.0
+    assert back["classes"].tolist() == [2, 5] and np.array_equal(back["scores"], scores)
+    with np.load(tmp_path / "a.npz") as z:
+        assert z.files.count("maps_u8_delta") == 1 and "maps" not in z.files
+    # smooth maps (CAM-like blobs) compress to a fraction of float16
+    yy, xx = np.mgrid[0:120, 0:160].astype(np.float32)
+    smooth = np.stack([np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 30.0 ** 2))
+                       for cx, cy in ((40, 30), (120, 90), (80, 60), (10, 110))])
+    save_maps(tmp_path / "s.npz", smooth, np.arange(4), scores)
+    np.savez_compressed(tmp_path / "f16.npz", maps=smooth.astype(np.float16))
+    assert (tmp_path / "s.npz").stat().st_size < (tmp_path / "f16.npz").stat().st_size / 4
+    # unnormalised maps (maps.normalize: none) and files of the earlier format: float16
+    raw = maps * 7 - 1
+    save_maps(tmp_path / "r.npz", raw, classes, scores)
+    np.testing.assert_allclose(load_maps(tmp_path / "r.npz")["maps"], raw, atol=1e-2)
+    np.savez_compressed(tmp_path / "old.npz", maps=maps.astype(np.float16), classes=classes.astype(np.int16),
+                        scores=scores)
+    np.testing.assert_allclose(load_maps(tmp_path / "old.npz")["maps"], maps, atol=1e-3)

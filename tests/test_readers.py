@@ -408,3 +408,13 @@ def test_check_splits_coco_and_folder(tmp_path):
     check_splits(reader, ["train", "val"])
     with pytest.raises(DataError, match="no images in split 'test'.*data.test_split"):
         check_splits(reader, ["test"])
+
+
+def test_loader_workers_never_exceed_the_cores_this_process_may_use():
+    import os
+
+    from wsss.data.datasets import loader_workers
+
+    cores = len(os.sched_getaffinity(0))
+    assert loader_workers(0) == 0 and loader_workers(1) == 1
+    assert loader_workers(cores + 6) == cores

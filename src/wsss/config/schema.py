@@ -70,7 +70,7 @@ class DataConfig:
     test_split: str | None = "test"
     #: CSV of image-level labels for the folder reader (columns: image, labels separated by ';')
     labels_csv: str | None = None
-    #: data-loader worker processes (0 = load in the main process)
+    #: data-loader worker processes (0 = load in the main process); capped at the cores this process may use
     workers: int = bounded(2, ge=0)
     #: use only the first N images of each split (quick experiments and tests); null = all
     limit: int | None = bounded(None, ge=1)

@@ -159,3 +159,15 @@ class SegmentationDataset(Dataset):
         rgb = load_image(s.image)
         img, mask = self.transform(rgb, self.masks(s, rgb.shape[:2]), seed)
         return {"image": img, "mask": mask.long(), "index": index}
+
+
+def loader_workers(configured: int) -> int:
+    """Data-loader worker processes: ``data.workers``, but never more than the cores this process may use (torch
+    warns about more, and they only add switching); 0 stays 0."""
+    import os
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(0, min(int(configured), cores))

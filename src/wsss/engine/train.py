@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss.config.schema import Config
-from wsss.data.datasets import ClassificationDataset, SeededSampler
+from wsss.data.datasets import ClassificationDataset, SeededSampler, loader_workers
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import TrainTransform
@@ -223,7 +223,7 @@ def _fit(fabric: Fabric, task: TrainTask, out_dir: Path, after_epoch: Callable[[
     # iteration, which restarts at 0 in a resumed process and replayed epoch 1's batches in epoch 2. Workers are not
     # persistent so that each epoch's workers are seeded from `worker_seeds`, a function of (seed, epoch, rank).
     worker_seeds = torch.Generator()
-    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=cfg.data.workers,
+    loader = DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=loader_workers(cfg.data.workers),
                         generator=worker_seeds, drop_last=len(sampler) >= per_process)
     steps_per_epoch = len(loader)
     total = steps_per_epoch * st.epochs

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 from wsss.config import config_hash
 from wsss.data.datasets import label_vector
@@ -39,7 +40,9 @@ def _score_split(ctx: RunContext, maps, split: str, bg_threshold) -> dict:
     conf = np.zeros((spec.num_classes, spec.num_classes), np.int64)
     scores, targets = [], []
     has_gt = True
-    for s, m in maps_stage.iter_maps(maps, ctx, split):
+    n = len(ctx.reader.samples(split))
+    for s, m in tqdm(maps_stage.iter_maps(maps, ctx, split), total=n, desc=f"score maps {split}", leave=False,
+                     disable=not ctx.cfg.runtime.progress, mininterval=1.0):
         scores.append(m["scores"])
         targets.append(label_vector(s.labels or (), spec).numpy())
         if s.mask is None:

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from wsss.data.datasets import ImageFilter, InferenceDataset, batches_by_size, stack
+from wsss.data.datasets import ImageFilter, InferenceDataset, batches_by_size, loader_workers, stack
 from wsss.data.io import image_size
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import model_meta
@@ -144,7 +144,7 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
         return {"images": len(samples), "computed": 0}
     batches = size_batches(samples, todo, m.batch_size)
     loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
-                        num_workers=cfg.data.workers, collate_fn=_collate)
+                        num_workers=loader_workers(cfg.data.workers), collate_fn=_collate)
     localizer = build_localizer(m.localizer, m.target_layer)
     fg_ids = torch.tensor(ctx.spec.fg_ids)
     errors: list[str] = []

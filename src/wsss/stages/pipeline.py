@@ -163,19 +163,23 @@ class Pipeline:
             if self.decls[n].check is not None:
                 self.decls[n].check(ctx)
         results: dict[str, Any] = {}
+        took: list[str] = []
         with RunLock(ctx.layout.lock):
             dump_config(ctx.cfg, ctx.layout.config)
             for n in names:
                 d = self.decls[n]
                 if not d.cached:  # evaluation: reads (the records of) every complete stage before it
                     done = {m: self.stage(m) for m in self.order[: self.order.index(n)] if self.decls[m].cached}
+                    t0 = time.perf_counter()
                     results[n] = d.compute(ctx, {**{m: s for m, s in done.items() if s.complete}, **results}, None)
+                    took.append(f"{n} {time.perf_counter() - t0:.1f} s")
                     continue
                 stage = self.stage(n)
                 if stage.complete:
                     stage.activate()
                     log.info("%s: reusing %s (computed earlier with these settings)", n, stage.dir)
                     results[n] = stage
+                    took.append(f"{n} reused")
                     continue
                 inputs = {i: results[i] for i in self.inputs(n)}
                 resumed = stage.open()
@@ -187,6 +191,9 @@ class Pipeline:
                 stage.finish(**info, resumed=resumed, stage_seconds=seconds)
                 log.info("%s: done in %.1f s -> %s", n, seconds, stage.dir)
                 results[n] = stage
+                took.append(f"{n} {seconds:.1f} s{' (resumed)' if resumed else ''}")
+        if len(took) > 1:
+            log.info("stages: %s", ", ".join(took))
         return results
 
 

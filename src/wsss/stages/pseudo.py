@@ -33,6 +33,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from wsss.config import Config
 from wsss.config.typed import to_dict
@@ -169,9 +170,14 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     t0 = time.perf_counter()
     n = 0
     # _items yields the split's samples in this same order, and refine_many keeps job order
-    for s, mask in zip(ctx.reader.samples(split), refine_many(finish_chain, jobs, workers), strict=True):
+    samples = ctx.reader.samples(split)
+    bar = tqdm(total=len(samples), desc=f"pseudo masks {split} ({', '.join(cfg.pseudo.refiners) or 'rule'})",
+               leave=False, disable=not cfg.runtime.progress, mininterval=1.0)
+    for s, mask in zip(samples, refine_many(finish_chain, jobs, workers), strict=True):
         save_mask_png(out / f"{s.id}.png", mask, palette)
         n += 1
+        bar.update()
+    bar.close()
     seconds = time.perf_counter() - t0
     log.info("pseudo: masks of %d images in %.1f s (refiners %s, %d workers)", n, seconds, list(cfg.pseudo.refiners),
              workers)

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from wsss.config.typed import to_dict
-from wsss.data.datasets import InferenceDataset, SegmentationDataset, stack
+from wsss.data.datasets import InferenceDataset, SegmentationDataset, loader_workers, stack
 from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
 from wsss.data.transforms import TrainTransform
@@ -276,7 +276,7 @@ def predict_batches(ctx: RunContext, model, device, samples: list[Sample], indic
     warning) and upscaled back. ``batch["downscaled"]`` says whether that happened."""
     cfg = ctx.cfg
     batches = maps_stage.size_batches(samples, indices, cfg.maps.batch_size)
-    loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=cfg.data.workers,
+    loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=loader_workers(cfg.data.workers),
                         collate_fn=stack)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
     bar = tqdm(total=sum(map(len, batches)), desc=what, leave=False, disable=not cfg.runtime.progress,
