@@ -191,7 +191,7 @@ def seed_rough_maps(ctx: RunContext, dy=3, dx=4) -> dict:
         maps = np.stack([np.where(shifted == c, 0.6, 0.4) for c in classes])
         maps = maps + rng.normal(0, 0.03, maps.shape)
         save_maps(stage.dir / "train" / f"{s.id}.npz", maps.clip(0, 1), classes, np.zeros(ctx.spec.num_fg))
-    stage.finish(splits={})
+    stage.finish(splits={ctx.split_name(r): {"seeded": True} for r in ctx.cfg.maps.splits})  # covers maps.splits
     return truth
 
 

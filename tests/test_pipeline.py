@@ -131,3 +131,20 @@ def test_variants_sit_side_by_side_and_gc_removes_what_the_latest_config_does_no
     assert not seg_weak.exists()
     assert sorted(p.name for p in (d / "store" / "maps").iterdir()) == [maps_first.name]  # the flip variant is gone
     assert (d / "seg" / "model.pt").exists() and (d / "cls" / "model.pt").exists()
+
+
+def test_a_split_added_to_maps_splits_extends_the_maps_instead_of_recomputing_them(fast_cfg):
+    d = RunContext(fast_cfg()).run_dir
+    run_stage(RunContext(fast_cfg(**{"maps.splits": "[train, val]"})), "pseudo")
+    variant = (d / "maps").resolve()
+    train_file = next((d / "maps" / "train").glob("*.npz"))
+    mtime = train_file.stat().st_mtime_ns
+    pseudo = (d / "pseudo").resolve()
+    run_stage(RunContext(fast_cfg(**{"maps.splits": "[train, val, test]"})), "maps")
+    assert (d / "maps").resolve() == variant and train_file.stat().st_mtime_ns == mtime  # extended in place
+    info = json.loads((variant / "stage.json").read_text())
+    assert set(info["splits"]) == {"train", "val", "test"} and info["splits"]["test"]["computed"] == 4
+    stage = run_stage(RunContext(fast_cfg(**{"maps.splits": "[train, val, test]"})), "pseudo")
+    assert stage.dir == pseudo  # the pseudo masks depend on no split list: reused
+    run_stage(RunContext(fast_cfg(**{"maps.splits": "[val]"})), "maps")  # fewer splits: covered, nothing computed
+    assert train_file.stat().st_mtime_ns == mtime and (d / "maps").resolve() == variant

@@ -300,3 +300,18 @@ def test_bar_chart_legend_keeps_long_series_names():
     # the longest label (at ~6.6 px per character) ends inside the chart
     x, _y, text = legend[0]
     assert float(x) + 6.6 * len(text) <= width
+
+
+def test_self_training_rounds_are_drawn_as_a_curve_with_a_row_per_round():
+    from wsss.report.html import render_report
+
+    rounds = [{"round": 1, "masks": {"source": "pseudo", "train_miou": 63.1}, "train_seconds": 10,
+               "network": {"val": {"miou": 54.6}, "test": {"miou": 56.1}}},
+              {"round": 2, "masks": {"source": "relabelled by round 1", "rule": "threshold", "rule_value": 0.5,
+                                     "chosen_on": "val", "kept_fraction": 0.983, "train_miou": 61.9},
+               "network": {"val": {"miou": 53.9}, "test": {"miou": 55.7}}}]
+    page = render_report({"run": "r", "dataset": "d", "splits": {}, "self_training": {"rounds": rounds}})
+    section = page[page.index("Self-training rounds"):]
+    assert section.count("<polyline") == 3  # training masks, network on val, network on test
+    assert "threshold 0.5 (val)" in section and "98.3%" in section and "<td>55.7</td>" in section
+    assert render_report({"run": "r", "dataset": "d", "splits": {}}).count("Self-training rounds") == 0

@@ -289,7 +289,7 @@ def seed_part_maps(ctx: RunContext, splits=("train", "val")) -> None:
                 m[ys.min() : (ys.min() + ys.max()) // 2, xs.min() : (xs.min() + xs.max()) // 2] = 1.0
                 maps.append(m)
             save_maps(stage.dir / split / f"{s.id}.npz", np.stack(maps), classes, np.zeros(ctx.spec.num_fg))
-    stage.finish(splits={})
+    stage.finish(splits={ctx.split_name(r): {"seeded": True} for r in ctx.cfg.maps.splits})  # covers maps.splits
 
 
 def pseudo_on_seeded_maps(ctx: RunContext):

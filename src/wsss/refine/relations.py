@@ -141,14 +141,18 @@ def confident_job(job: tuple) -> np.ndarray:
 
 
 def write_confident_regions(refiner: Any, samples: Sequence[Sample], maps_dir: Path, out_dir: Path,
-                            spec: DatasetSpec, workers: int) -> int:
+                            spec: DatasetSpec, workers: int, progress: bool = True) -> int:
     """``out_dir/<id>.png`` for every sample (files already there are kept: a resumed stage); returns how many were
     computed."""
+    from tqdm import tqdm
+
     todo = [s for s in samples if not (out_dir / f"{s.id}.png").exists()]
     jobs = ((refiner, s.image, m["maps"], m["classes"], spec)
             for s in todo for m in [load_maps(maps_dir / f"{s.id}.npz")])
     palette = spec.palette_bytes()
-    for s, labels in zip(todo, refine_many(confident_job, jobs, workers), strict=True):
+    results = refine_many(confident_job, jobs, workers)
+    for s, labels in zip(todo, tqdm(results, total=len(todo), desc=f"{refiner.name}: confident regions", leave=False,
+                                    disable=not progress, mininterval=1.0), strict=True):
         save_mask_png(out_dir / f"{s.id}.png", labels, palette)
     return len(todo)
 
@@ -260,7 +264,8 @@ def train_affinity(refiner: Any, ctx: Any, inputs: dict, stage: Stage) -> dict:
     if not samples:
         raise DataError(f"split '{split}' (pseudo.split) has no images to train the {refiner.name} network on")
     regions = stage.dir / "labels"
-    computed = write_confident_regions(refiner, samples, inputs[MAPS].dir / split, regions, spec, cfg.crf.workers)
+    computed = write_confident_regions(refiner, samples, inputs[MAPS].dir / split, regions, spec, cfg.crf.workers,
+                                       cfg.runtime.progress)
     stats = region_stats(samples, regions, spec, ctx.reader)
     log.info("%s: confident regions of %d images (%d computed): %s", refiner.name, len(samples), computed, stats)
     classifier = inputs[CLS].dir / "model.pt" if CLS in inputs else None

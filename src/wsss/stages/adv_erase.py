@@ -323,7 +323,7 @@ def write_union(samples, round_dirs, out_dir) -> int:
 def compute_union_maps(rounds: int):
     def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
         cfg = ctx.cfg
-        info = {}
+        info = dict(stage.info().get("splits") or {})  # a variant extended by a split keeps the others' records
         for role in cfg.maps.splits:
             split = ctx.split_name(role)
             samples = ctx.reader.samples(split)

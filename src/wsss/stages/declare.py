@@ -28,7 +28,8 @@ class StageDecl:
     function of the config). ``keyed_by``: dotted config paths (``"-path"`` drops a field of a section taken
     before) or a function of the config returning the settings. ``check(ctx)``: raises before anything runs when the
     stage could not succeed. ``cached=False``: computed on every run, no folder, ``inputs`` holds every stage run
-    before it (evaluation)."""
+    before it (evaluation). ``covers(ctx, stage)``: whether a complete variant holds everything this config asks of
+    it (default: always); when not, the variant is reopened and ``compute`` adds what is missing."""
 
     name: str
     compute: Callable[[Any, dict, Stage | None], Any]
@@ -37,6 +38,7 @@ class StageDecl:
     check: Callable[[Any], None] | None = None
     enabled: Callable[[Config], bool] = lambda cfg: True
     cached: bool = True
+    covers: Callable[[Any, Stage], bool] | None = None
 
     def input_names(self, cfg: Config) -> tuple[str, ...]:
         return tuple(self.inputs(cfg) if callable(self.inputs) else self.inputs)

@@ -196,9 +196,17 @@ def check(ctx: RunContext) -> None:
         check_images(ctx, ctx.reader.samples(split), f"split '{split}'")  # files already decoded are skipped
 
 
+def covers(ctx: RunContext, stage: Stage) -> bool:
+    """A complete maps variant covers this config when it holds every split of ``maps.splits``."""
+    have = stage.info().get("splits") or {}
+    return all(ctx.split_name(role) in have for role in ctx.cfg.maps.splits)
+
+
 def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
+    """The maps of every split of ``maps.splits`` not mapped yet; the splits a variant already holds keep their
+    record (a variant is extended when ``maps.splits`` grows)."""
     model = inference_model(ctx, inputs[CLS].dir / "model.pt")
-    info = {}
+    info = dict(stage.info().get("splits") or {})
     for role in ctx.cfg.maps.splits:
         split = ctx.split_name(role)
         info[split] = extract_split(ctx, model, role, stage)
@@ -222,4 +230,4 @@ def iter_maps(stage: Stage, ctx: RunContext, split: str):
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 
-__all__ = ["check", "compute", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]
+__all__ = ["check", "compute", "covers", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]

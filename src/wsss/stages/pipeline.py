@@ -58,8 +58,10 @@ STAGES: tuple[StageDecl, ...] = (
     StageDecl(CLS, train_cls.compute, (),
               ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "runtime", "seed"),
               train_cls.check),
-    StageDecl(MAPS, maps.compute, (CLS,),
-              ("maps", "data.train_split", "data.val_split", "data.test_split", "runtime.precision"), maps.check),
+    # the maps of a split do not depend on which other splits are mapped: maps.splits is in no key, and a variant
+    # missing a split that is now asked for is extended (maps.covers)
+    StageDecl(MAPS, maps.compute, (CLS,), ("maps", "-maps.splits", "runtime.precision"), maps.check,
+              covers=maps.covers),
     StageDecl(PSEUDO, pseudo.compute, (MAPS,), pseudo.key_settings, pseudo.check),
     StageDecl(SEG, seg.compute_train, seg.train_inputs, seg.train_settings, seg.check_train,
               enabled=lambda cfg: cfg.seg.enabled),
@@ -132,6 +134,12 @@ class Pipeline:
     def stage(self, name: str) -> Stage:
         return Stage(self.ctx.layout.root, name, self.key(name))
 
+    def done(self, name: str) -> bool:
+        """Stage ``name``'s variant is complete and holds what this config asks of it (a maps variant may hold
+        fewer splits than ``maps.splits`` now lists: it is then extended, not recomputed)."""
+        d, stage = self.decls[name], self.stage(name)
+        return stage.complete and (d.covers is None or d.covers(self.ctx, stage))
+
     def plan(self, target: str | None = None) -> list[str]:
         """``target`` (default: the last stage) and the stages it needs, in declaration order. A stage complete under
         its key needs nothing before it: its inputs are neither recomputed nor required to be there."""
@@ -144,7 +152,7 @@ class Pipeline:
             if n in need:
                 return
             need.add(n)
-            if self.decls[n].cached and self.stage(n).complete:
+            if self.decls[n].cached and self.done(n):
                 return
             for i in self.inputs(n):
                 visit(i)
@@ -156,7 +164,7 @@ class Pipeline:
         """Run ``target`` (default: every stage) and its inputs; returns each stage's Stage (or value, uncached)."""
         ctx = self.ctx
         names = self.plan(target)
-        todo = [n for n in names if not self.decls[n].cached or not self.stage(n).complete]
+        todo = [n for n in names if not self.decls[n].cached or not self.done(n)]
         if any(self.decls[n].cached for n in todo):
             check_splits(ctx.reader, used_splits(ctx.cfg))
         for n in todo:  # every check before anything is trained, written or deleted
@@ -175,7 +183,7 @@ class Pipeline:
                     took.append(f"{n} {time.perf_counter() - t0:.1f} s")
                     continue
                 stage = self.stage(n)
-                if stage.complete:
+                if self.done(n):
                     stage.activate()
                     log.info("%s: reusing %s (computed earlier with these settings)", n, stage.dir)
                     results[n] = stage

@@ -100,7 +100,10 @@ def key_settings(cfg: Config) -> list:
     pseudo = {k: v for k, v in to_dict(cfg.pseudo).items() if k != "options"}  # the refiners' keys hold them
     out: list[Any] = [pseudo, {r.name: r.key() for r in chain}]
     if _needs_selection(cfg, chain):
-        out.append({"sweep": list(cfg.eval.sweep), "select_on": cfg.eval.select_on})
+        # the split's name, not its role: data.val_split is in no earlier key (the maps key holds no split list)
+        select_on = {"train": cfg.data.train_split, "val": cfg.data.val_split,
+                     "test": cfg.data.test_split}.get(cfg.eval.select_on) or cfg.eval.select_on
+        out.append({"sweep": list(cfg.eval.sweep), "select_on": select_on})
     return out
 
 
