@@ -13,9 +13,11 @@ from wsss.config.schema import (
     ScheduleConfig,
     SegConfig,
     SegModelConfig,
+    split_name,
 )
 
 __all__ = [
+    "split_name",
     "Config", "DataConfig", "EvalConfig", "MapsConfig", "MethodConfig", "ModelConfig", "PseudoConfig",
     "RuntimeConfig", "ScheduleConfig", "SegConfig", "SegModelConfig", "check_config", "config_hash", "dump_config",
     "load_config", "to_dict",

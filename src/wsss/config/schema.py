@@ -361,3 +361,9 @@ class Config:
     seg: SegConfig = field(default_factory=SegConfig)
     self_train: SelfTrainConfig = field(default_factory=SelfTrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def split_name(cfg: Config, role: str) -> str:
+    """The dataset split a role (train / val / test) names (``data.<role>_split``); any other name as given."""
+    names = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
+    return names.get(role) or role

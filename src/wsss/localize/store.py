@@ -21,7 +21,6 @@ import numpy as np
 from wsss.errors import DataError
 from wsss.runs import atomic_path
 
-
 #: quantisation steps of the compact format
 LEVELS = 255
 

@@ -748,8 +748,9 @@ def _image_row(s, split: str, reader, layout: RunLayout, bg_threshold, pseudo_sp
 
 
 def _split_name(cfg, role: str) -> str:
-    names = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
-    return names.get(role) or role
+    from wsss.config.schema import split_name
+
+    return split_name(cfg, role)
 
 
 def _collect(layout: RunLayout, cfg, metrics: dict, n_images: int):

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
 
-from wsss.config import Config
+from wsss.config import Config, split_name
 from wsss.data.readers import Reader, open_dataset
 from wsss.data.spec import DatasetSpec
 from wsss.layout import RunLayout
@@ -56,5 +56,4 @@ class RunContext:
 
     def split_name(self, split: str) -> str:
         """Maps a role (train / val / test) to the dataset's split name (data.<role>_split)."""
-        names = {"train": self.cfg.data.train_split, "val": self.cfg.data.val_split, "test": self.cfg.data.test_split}
-        return names.get(split) or split
+        return split_name(self.cfg, split)

@@ -230,4 +230,5 @@ def iter_maps(stage: Stage, ctx: RunContext, split: str):
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 
-__all__ = ["check", "compute", "covers", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier", "usable_map_file"]
+__all__ = ["check", "compute", "covers", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier",
+           "usable_map_file"]

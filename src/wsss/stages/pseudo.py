@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from wsss.config import Config
+from wsss.config import Config, split_name
 from wsss.config.typed import to_dict
 from wsss.data.io import save_mask_png
 from wsss.errors import ConfigError
@@ -101,9 +101,7 @@ def key_settings(cfg: Config) -> list:
     out: list[Any] = [pseudo, {r.name: r.key() for r in chain}]
     if _needs_selection(cfg, chain):
         # the split's name, not its role: data.val_split is in no earlier key (the maps key holds no split list)
-        select_on = {"train": cfg.data.train_split, "val": cfg.data.val_split,
-                     "test": cfg.data.test_split}.get(cfg.eval.select_on) or cfg.eval.select_on
-        out.append({"sweep": list(cfg.eval.sweep), "select_on": select_on})
+        out.append({"sweep": list(cfg.eval.sweep), "select_on": split_name(cfg, cfg.eval.select_on)})
     return out
 
 

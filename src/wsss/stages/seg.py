@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from wsss.config.schema import split_name
 from wsss.config.typed import to_dict
 from wsss.data.datasets import InferenceDataset, SegmentationDataset, loader_workers, stack
 from wsss.data.io import load_image, load_mask, save_mask_png
@@ -175,9 +176,7 @@ def train_settings(cfg) -> dict:
 
 
 def predict_settings(cfg) -> dict:
-    split = {"train": cfg.data.train_split, "val": cfg.data.val_split, "test": cfg.data.test_split}
-    out = {"scales": cfg.seg.scales, "flip": cfg.seg.flip,
-           "split": split.get(cfg.seg.predict_split) or cfg.seg.predict_split}
+    out = {"scales": cfg.seg.scales, "flip": cfg.seg.flip, "split": split_name(cfg, cfg.seg.predict_split)}
     if cfg.seg.crf_postprocess:
         out["crf"] = without(cfg.crf, "workers")
     return out

@@ -46,12 +46,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from wsss.config import Config
+from wsss.config import Config, split_name
 from wsss.config.typed import to_dict
 from wsss.data.io import load_image, save_mask_png
 from wsss.data.readers import Sample
@@ -430,7 +430,7 @@ def check(ctx: RunContext) -> None:
 def relabel_settings(cfg: Config) -> dict:
     st = cfg.self_train
     out: dict = {"scales": st.scales, "flip": st.flip, "crf": st.crf, "confidence": st.confidence,
-                 "split": cfg.data.train_split if cfg.pseudo.split == "train" else cfg.pseudo.split}
+                 "split": split_name(cfg, cfg.pseudo.split)}
     if st.crf:
         out["crf_settings"] = seg_stage.without(cfg.crf, "workers")
     if st.confidence != "none":
@@ -438,8 +438,7 @@ def relabel_settings(cfg: Config) -> dict:
         out["value"] = value
         if value is None:
             out["candidates"] = st.candidates
-            out["select_on"] = {"val": cfg.data.val_split, "test": cfg.data.test_split}.get(cfg.eval.select_on,
-                                                                                           cfg.eval.select_on)
+            out["select_on"] = split_name(cfg, cfg.eval.select_on)
     return out
 
 
