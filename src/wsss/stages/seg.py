@@ -267,35 +267,50 @@ def segmenter_on_device(ctx: RunContext, stage: Stage) -> tuple[DeepLabV3, torch
     return model, device
 
 
+def downscale_to_fit(x: torch.Tensor, what: str, ids=()) -> torch.Tensor:
+    """``x`` (B, 3, H, W), downscaled with a warning when an image is over :data:`MAX_PREDICT_PIXELS`."""
+    h, w = x.shape[-2:]
+    if h * w <= MAX_PREDICT_PIXELS:
+        return x
+    f = (MAX_PREDICT_PIXELS / (h * w)) ** 0.5
+    x = F.interpolate(x, size=(int(h * f), int(w * f)), mode="bilinear", align_corners=False)
+    log.warning("%s: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", what, len(x), w, h,
+                x.shape[-1], x.shape[-2], ", ".join(ids))
+    return x
+
+
+def predict_tensor(model, x: torch.Tensor, scales, flip: bool, runtime, what: str = "", ids=()) -> tuple[torch.Tensor, bool]:
+    """Softmax of ``x`` (B, 3, H, W, normalised, on the model's device) averaged over ``scales`` (and mirrors), float32
+    (B, C, H, W) on that device; bf16 autocast where ``runtime.precision`` asks for it, channels_last where
+    ``runtime.channels_last`` does; an image over :data:`MAX_PREDICT_PIXELS` is predicted downscaled (with a warning)
+    and upscaled back. Also returns whether that happened."""
+    h, w = x.shape[-2:]
+    x = downscale_to_fit(x, what, ids)
+    if runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16")
+    with torch.no_grad(), autocast:
+        probs = predict_probs(model, x, scales, flip)
+    if probs.shape[-2:] != (h, w):
+        probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
+    return probs.float(), x.shape[-2:] != (h, w)
+
+
 def predict_batches(ctx: RunContext, model, device, samples: list[Sample], indices, scales, flip: bool,
                     what: str) -> Iterator[tuple[dict, np.ndarray]]:
     """``(batch, probs)`` for the images ``samples[i]``, ``i`` in ``indices``: batches of equal-sized images, the
-    softmax averaged over ``scales`` (and mirrors) at the image's size, float32 (B, C, H, W) on the CPU; bf16 autocast
-    where ``runtime.precision`` asks for it; images over :data:`MAX_PREDICT_PIXELS` predicted downscaled (with a
-    warning) and upscaled back. ``batch["downscaled"]`` says whether that happened."""
+    softmax of :func:`predict_tensor` as float32 (B, C, H, W) on the CPU. ``batch["downscaled"]`` says whether the
+    images were predicted downscaled."""
     cfg = ctx.cfg
     batches = maps_stage.size_batches(samples, indices, cfg.maps.batch_size)
     loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=loader_workers(cfg.data.workers),
                         collate_fn=stack)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
     bar = tqdm(total=sum(map(len, batches)), desc=what, leave=False, disable=not cfg.runtime.progress,
                mininterval=1.0)
     for batch in loader:
-        x = batch["image"].to(device)
-        h, w = x.shape[-2:]
-        batch["downscaled"] = h * w > MAX_PREDICT_PIXELS
-        if batch["downscaled"]:
-            f = (MAX_PREDICT_PIXELS / (h * w)) ** 0.5
-            x = F.interpolate(x, size=(int(h * f), int(w * f)), mode="bilinear", align_corners=False)
-            log.warning("%s: %d image(s) of %dx%d predicted at %dx%d to fit memory, upscaled back (%s)", what, len(x), w,
-                        h, x.shape[-1], x.shape[-2], ", ".join(batch["id"]))
-        if cfg.runtime.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad(), autocast:
-            probs = predict_probs(model, x, scales, flip)
-        if probs.shape[-2:] != (h, w):
-            probs = F.interpolate(probs, size=(h, w), mode="bilinear", align_corners=False)
-        yield batch, probs.float().cpu().numpy()
+        probs, batch["downscaled"] = predict_tensor(model, batch["image"].to(device), scales, flip, cfg.runtime, what,
+                                                    batch["id"])
+        yield batch, probs.cpu().numpy()
         bar.update(len(batch["id"]))
     bar.close()
 
