@@ -23,17 +23,21 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not deep inside a worker later
-            mode = img.mode
-            if mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
-                img = Image.fromarray(arr, "L")
-            rgb = img.convert("RGB") if img.mode != "RGB" else img
-            return np.asarray(rgb, dtype=np.uint8).copy()
+            return pil_to_rgb(img)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image (corrupt or truncated file?): {e}") from None
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """A decoded PIL image of any mode (16-bit grey scaled to 8 bits) as an HxWx3 uint8 RGB array."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (arr / max(arr.max(), 1) * 255).astype(np.uint8)
+        img = Image.fromarray(arr, "L")
+    rgb = img.convert("RGB") if img.mode != "RGB" else img
+    return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -23,10 +23,12 @@ class RunContext:
     the run's lock and every check has passed.
 
     ``after_epoch``: called with the epoch number after every training epoch of every stage (tests use it to stop a
-    run at a chosen point, as a kill would)."""
+    run at a chosen point, as a kill would). ``spec``: the dataset spec when it is known without the dataset (a
+    trained run applied to new images, :mod:`wsss.api`); otherwise the reader's."""
 
-    def __init__(self, cfg: Config, after_epoch: Callable[[int], None] | None = None):
+    def __init__(self, cfg: Config, after_epoch: Callable[[int], None] | None = None, spec: DatasetSpec | None = None):
         self.cfg = cfg
+        self._spec = spec
         self.layout = RunLayout(Path(cfg.runs_dir) / cfg.name)
         self.after_epoch = after_epoch
         #: image files this command has decoded without error (the stages' checks decode each file once)
@@ -42,7 +44,7 @@ class RunContext:
 
     @property
     def spec(self) -> DatasetSpec:
-        return self.reader.spec
+        return self._spec if self._spec is not None else self.reader.spec
 
     @cached_property
     def label_check(self) -> dict:

@@ -34,7 +34,7 @@ from wsss.stages.train_cls import check_images
 log = logging.getLogger("wsss.stages")
 
 
-class _Safe(torch.utils.data.Dataset):
+class SafeItems(torch.utils.data.Dataset):
     """Turns a load error into a record, so one bad image does not abort the others."""
 
     def __init__(self, ds):
@@ -50,7 +50,8 @@ class _Safe(torch.utils.data.Dataset):
             return {"error": str(e), "index": i}
 
 
-def _collate(items):
+def collate_with_errors(items):
+    """``{"batch": the stacked good items or None, "errors": the messages of the others}``."""
     good = [it for it in items if "error" not in it]
     return {"batch": stack(good) if good else None, "errors": [it["error"] for it in items if "error" in it]}
 
@@ -143,8 +144,8 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
     if not todo:
         return {"images": len(samples), "computed": 0}
     batches = size_batches(samples, todo, m.batch_size)
-    loader = DataLoader(_Safe(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
-                        num_workers=loader_workers(cfg.data.workers), collate_fn=_collate)
+    loader = DataLoader(SafeItems(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
+                        num_workers=loader_workers(cfg.data.workers), collate_fn=collate_with_errors)
     localizer = build_localizer(m.localizer, m.target_layer)
     fg_ids = torch.tensor(ctx.spec.fg_ids)
     errors: list[str] = []
@@ -230,5 +231,5 @@ def iter_maps(stage: Stage, ctx: RunContext, split: str):
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 
-__all__ = ["check", "compute", "covers", "extract", "size_batches", "inference_model", "iter_maps", "load_classifier",
-           "usable_map_file"]
+__all__ = ["SafeItems", "check", "collate_with_errors", "compute", "covers", "extract", "size_batches", "inference_model",
+           "iter_maps", "load_classifier", "usable_map_file"]
