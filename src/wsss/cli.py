@@ -1,6 +1,7 @@
 """``wsss <stage> CONFIG [key=value ...]``: one command per pipeline stage, plus ``run`` for all of them and
 ``report RUN_DIR`` for an HTML page of a finished run, ``bench methods`` for the method comparison table,
-``fetch-saliency`` for the U²-Net model files of the ``u2net`` / ``u2netp`` saliency sources."""
+``fetch-saliency`` for the U²-Net model files of the ``u2net`` / ``u2netp`` saliency sources; ``segment RUN_DIR
+INPUT...`` and ``export RUN_DIR`` apply a finished run to new images and export its networks."""
 
 from __future__ import annotations
 
@@ -136,6 +137,46 @@ def cmd_gc(args):
             print(f"  kept {v.stage}/{v.key}: holds files wsss did not write ({', '.join(v.foreign[:5])})")
 
 
+def cmd_segment(args):
+    from wsss.api import load_run
+    from wsss.errors import ConfigError
+    from wsss.segment import segment_files
+
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
+    run = load_run(args.run_dir, precision=args.precision, device=args.device)
+    res = segment_files(run, args.inputs, args.out, overlay=args.overlay, probs=args.probs, batch_size=args.batch_size,
+                        progress=False if args.no_progress else None)
+    print(f"masks: {args.out}  ({res['written']} written, {res['skipped']} already there, {len(res['errors'])} failed; "
+          f"{res['images_per_s']} images/s on {res['device']} in {res['precision']}"
+          + (f"; {res['downscaled']} large image(s) predicted downscaled" if res["downscaled"] else "") + ")")
+    if res["errors"]:  # the good images are done; a script must still see that some were not
+        print(f"wsss segment: {len(res['errors'])} input(s) could not be segmented (fix or remove them and rerun: finished "
+              "files are skipped):\n  " + "\n  ".join(res["errors"]), file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args):
+    from wsss.api import Run
+    from wsss.export import TOLERANCE, export_run
+
+    res = export_run(Run(args.run_dir), args.out, args.format)
+    failed = []
+    for name, f in res["files"].items():
+        c = f["check"]
+        print(f"{res['out']}/{name}: onnxruntime vs torch at {' and '.join('x'.join(map(str, s)) for s in c['sizes'])}: "
+              f"max abs diff {c['max_abs_diff']:.2e} (largest output {c['max_abs_output']:.3g})")
+        if not c["ok"]:
+            failed.append(name)
+    print(f"classes and input normalisation: {res['out']}/export.json")
+    if failed:
+        print(f"wsss export: {', '.join(failed)} differ(s) from torch by more than {TOLERANCE:g} of the largest output",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_list(args):
     from wsss.localize import LOCALIZERS
     from wsss.methods import METHODS
@@ -195,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     gc.add_argument("--yes", action="store_true", help="do not ask")
     gc.set_defaults(fn=cmd_gc)
+    sg = sub.add_parser("segment", help="a finished run's segmentation network on image files: palette PNG masks "
+                        "(+ overlays, probabilities); finished files are skipped on a rerun")
+    sg.add_argument("run_dir", metavar="RUN_DIR", help="run directory with a trained network, e.g. runs/demo")
+    sg.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
+    sg.add_argument("--out", required=True, metavar="DIR", help="output folder: <name>.png per image")
+    sg.add_argument("--overlay", action="store_true", help="also <name>.overlay.jpg: the mask's colours over the photo")
+    sg.add_argument("--probs", action="store_true", help="also <name>.probs.npz: per-class float16 probabilities")
+    sg.add_argument("--precision", choices=["bf16", "fp32"], help="override the run's runtime.precision")
+    sg.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override the run's runtime.accelerator")
+    sg.add_argument("--batch-size", type=int, metavar="N", help="images per batch (default: the run's maps.batch_size)")
+    sg.add_argument("--no-progress", action="store_true", help="no progress bar (default: one on a terminal)")
+    sg.set_defaults(fn=cmd_segment)
+    ex = sub.add_parser("export", help="a run's segmentation network and classifier as ONNX files (dynamic height and "
+                        "width), checked against torch with onnxruntime")
+    ex.add_argument("run_dir", metavar="RUN_DIR")
+    ex.add_argument("--format", choices=["onnx"], default="onnx")
+    ex.add_argument("--out", metavar="DIR", help="output folder (default RUN_DIR/export)")
+    ex.set_defaults(fn=cmd_export)
     ls = sub.add_parser("list", help="registered methods, backbones, localizers, refiners and saliency sources")
     ls.set_defaults(fn=cmd_list)
     bench = sub.add_parser("bench", help="benchmarks over several runs")
