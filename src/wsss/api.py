@@ -19,6 +19,7 @@ is :func:`wsss.stages.seg.predict_tensor` (the same downscaling of very large im
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shlex
@@ -106,8 +107,27 @@ class Run:
             args += [f"runs_dir={self.run_dir.parent}", f"name={self.run_dir.name}"]
         return " ".join(["wsss", cmd, *map(shlex.quote, args)])
 
+    def _holder(self) -> str | None:
+        """The command that holds the run's lock (:class:`wsss.runs.RunLock`) now, if one does."""
+        try:
+            fd = os.open(self.run_dir / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
+
     def _missing(self, name: str, what: str, command: str) -> DataError:
         state = "is unfinished" if (self.run_dir / name).exists() else "was never run"
+        holder = self._holder()
+        if holder:
+            return DataError(f"{self.run_dir} has no {what} yet: its stage '{name}' {state} and a command is working "
+                             f"in the run now ({holder}); wait for it to finish")
         return DataError(f"{self.run_dir} has no {what}: its stage '{name}' {state}. Train it with `{command}`; it "
                          "reuses the finished stages of the run")
 

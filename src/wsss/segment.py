@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from wsss.api import Run
 from wsss.data.datasets import InferenceDataset, loader_workers
-from wsss.data.imagenet import IMAGENET_MEAN, IMAGENET_STD
 from wsss.data.io import image_size, save_mask_png
 from wsss.data.readers import Sample
 from wsss.errors import DataError
 from wsss.runs import atomic_path, atomic_write_bytes, atomic_write_json
+from wsss.seg.sec import images_uint8
 from wsss.stages import maps as maps_stage
 from wsss.stages import seg as seg_stage
 
@@ -134,13 +134,6 @@ def overlay_jpeg(rgb: np.ndarray, mask: np.ndarray, palette: bytes, alpha: float
     return buf.getvalue()
 
 
-def _unnormalise(x: torch.Tensor) -> np.ndarray:
-    """A normalised (3, H, W) image back to HxWx3 uint8 (for the overlay: no second decode of the file)."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x.float() * std + mean).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
-
-
 def _batches(samples: list[Sample], batch_size: int) -> list[list[int]]:
     """Batches of equal-sized images (:func:`wsss.stages.maps.size_batches`), cut so that no batch holds more than
     :data:`wsss.stages.seg.MAX_PREDICT_PIXELS` pixels (a batch of large photos would not fit memory)."""
@@ -161,6 +154,8 @@ def segment_files(run: Run, inputs: list[str], out: str | Path, overlay: bool = 
     and ``errors`` (one message per input or image that could not be read); raises only for what stops everything
     (no image at all, clashing names, another network's folder)."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a folder")
     jobs, errors = collect_inputs(inputs, out)
     if not jobs:
         raise DataError("no image to segment:\n  " + "\n  ".join(errors))
@@ -188,13 +183,14 @@ def segment_files(run: Run, inputs: list[str], out: str | Path, overlay: bool = 
                                                      cfg.runtime, "segment", batch["id"])
         p = p.cpu()
         masks = p.argmax(1).to(torch.uint8).numpy()
+        photos = images_uint8(batch["image"]) if overlay else None  # the normalisation undone: no second decode
         for b, i in enumerate(batch["index"]):
             paths = todo[i].outputs(out, overlay, probs)
             if probs and not paths["probs"].is_file():
                 with atomic_path(paths["probs"], suffix=".npz") as tmp, open(tmp, "wb") as f:
                     np.savez_compressed(f, probs=p[b].numpy().astype(np.float16), classes=classes)
             if overlay and not paths["overlay"].is_file():
-                atomic_write_bytes(paths["overlay"], overlay_jpeg(_unnormalise(batch["image"][b]), masks[b], palette))
+                atomic_write_bytes(paths["overlay"], overlay_jpeg(photos[b], masks[b], palette))
             if not paths["mask"].is_file():
                 save_mask_png(paths["mask"], masks[b], palette)
         done += len(batch["id"])
