@@ -37,7 +37,7 @@ from wsss.data.readers import open_dataset
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
 from wsss.engine.checkpoint import load_checkpoint
-from wsss.errors import DataError, WsssError
+from wsss.errors import ConfigError, DataError, WsssError
 from wsss.layout import CLS, PRED, SEG
 from wsss.localize import build_localizer, multiscale_maps
 from wsss.runs import Stage
@@ -81,6 +81,8 @@ class Run:
         overrides = [f"runtime.precision={precision}"] if precision else []
         overrides += [f"runtime.accelerator={device}"] if device else []
         cfg = load_config(self.config_path, overrides)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device cuda: torch {torch.__version__} sees no CUDA device here (use cpu or auto)")
         if (cfg.runtime.precision == "bf16" and maps_stage.inference_device(cfg).type == "cuda"
                 and not torch.cuda.is_bf16_supported()):
             log.warning("this GPU has no bf16: predicting in fp32")
