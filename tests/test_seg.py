@@ -3,18 +3,20 @@ its pseudo-mask folder, and predicts without image labels."""
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from wsss.config import load_config
 from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
-from wsss.errors import CheckpointError, DataError
+from wsss.errors import CheckpointError, ConfigError, DataError
 from wsss.evaluation import confusion_matrix, segmentation_scores
 from wsss.stages import seg as seg_stage
 from wsss.stages.context import RunContext
-from wsss.stages.pipeline import run_stage
+from wsss.stages.pipeline import Pipeline, run_stage
 
 from conftest import Killed, fast_overrides, kill_after_first_epoch
 
@@ -106,3 +108,31 @@ def test_large_image_is_downscaled_with_a_warning(fast_cfg, monkeypatch, caplog)
     assert any("to fit memory" in r.message for r in caplog.records)
     pred = np.asarray(Image.open(next((stage.dir / "test").glob("*.png"))))
     assert pred.shape == (48, 64)  # back at the image's own size
+
+
+def test_seg_init_classifier_starts_from_the_trained_backbone_and_is_keyed_by_it(fast_cfg):
+    cfg = fast_cfg(**{"train.epochs": 1, "seg.init": "classifier"})
+    ctx = RunContext(cfg)
+    cls = run_stage(ctx, "cls")
+    samples = ctx.reader.samples("train")
+    task = seg_stage.SegTask(cfg, samples, ctx.spec, None, backbone_from=cls.dir / "model.pt")
+    model = task.build_model()
+    trained = load_checkpoint(cls.dir / "model.pt")["model"]
+    own = model.backbone.state_dict()
+    assert own.keys() == {k.removeprefix("backbone.") for k in trained if k.startswith("backbone.")}
+    assert all(torch.equal(own[k.removeprefix("backbone.")], v) for k, v in trained.items() if k.startswith("backbone."))
+    assert "cls" in Pipeline(RunContext(cfg)).inputs("seg")
+    # on ground-truth masks the network reads no stage, unless it starts from the classifier: then another
+    # classifier is another segmentation network
+    def seg_key(**extra):
+        return Pipeline(RunContext(fast_cfg(**{"seg.masks": "gt", **extra}))).key("seg")
+
+    assert seg_key(**{"train.epochs": 1}) == seg_key(**{"train.epochs": 2})
+    assert seg_key(**{"train.epochs": 1, "seg.init": "classifier"}) != seg_key(**{"train.epochs": 2, "seg.init": "classifier"})
+
+
+def test_seg_init_classifier_with_another_backbone_fails_before_anything_runs(fast_cfg):
+    cfg = fast_cfg(**{"seg.init": "classifier", "seg.model.output_stride": 16})
+    with pytest.raises(ConfigError, match=r"seg\.model\.output_stride=16 differs from model\.output_stride=32"):
+        run_stage(RunContext(cfg), "seg")
+    assert not (Path(cfg.runs_dir) / cfg.name / "cls").exists()

@@ -25,16 +25,17 @@ def to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.
 
 
 class TrainTransform:
-    """Random rescale x[lo, hi], optional flip, random crop (padded) of ``crop`` pixels."""
+    """Random rescale x[lo, hi], optional flip, random crop (padded) of ``crop`` pixels: a side, or (height, width)."""
 
-    def __init__(self, crop: int, scale_range: tuple[float, float], hflip: bool = True, ignore_index: int = 255,
+    def __init__(self, crop: int | tuple[int, int], scale_range: tuple[float, float], hflip: bool = True, ignore_index: int = 255,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.scale_range = scale_range
         self.mean, self.std = mean, std
         ops: list = []
         if hflip:
             ops.append(v2.RandomHorizontalFlip(0.5))
-        ops.append(v2.RandomCrop(crop, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
+        size = crop if isinstance(crop, int) else tuple(crop)
+        ops.append(v2.RandomCrop(size, pad_if_needed=True, fill={tv_tensors.Image: 0.0, tv_tensors.Mask: ignore_index}))
         self.ops = v2.Compose(ops)
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None, seed: int):

@@ -29,7 +29,7 @@ from wsss.data.transforms import TrainTransform
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import LoopSettings, TrainTask, fit
 from wsss.errors import ConfigError, DataError
-from wsss.layout import MAPS, PSEUDO, SEG
+from wsss.layout import CLS, MAPS, PSEUDO, SEG
 from wsss.localize import load_maps
 from wsss.models.backbones import check_weights
 from wsss.pseudo import pseudo_mask
@@ -105,14 +105,16 @@ def present_classes(samples: list[Sample], spec) -> torch.Tensor:
 class SegTask(TrainTask):
     name = "deeplabv3"
 
-    def __init__(self, cfg, samples, spec, masks, init: Path | None = None):
+    def __init__(self, cfg, samples, spec, masks, init: Path | None = None, backbone_from: Path | None = None):
         """``init``: a segmentation checkpoint (``model.pt``) whose weights the network starts from, instead of the
-        ``seg.model`` initial weights (self-training's ``init: previous``)."""
+        ``seg.model`` initial weights (self-training's ``init: previous``). ``backbone_from``: a classifier
+        checkpoint whose backbone replaces the ``seg.model`` initial weights of the backbone (``seg.init:
+        classifier``); the head starts as usual."""
         cfg = dataclasses.replace(cfg, seed=seg_seed(cfg))
         sc, t = cfg.seg, cfg.seg.train
         super().__init__(cfg, LoopSettings(t.epochs, t.batch_size, t.lr, t.head_lr_mult, t.momentum, t.weight_decay,
                                            t.poly_power), seg_meta(sc.model, spec.classes))
-        self.samples, self.spec, self.masks, self.init = samples, spec, masks, init
+        self.samples, self.spec, self.masks, self.init, self.backbone_from = samples, spec, masks, init, backbone_from
         self.sec = None
         if sc.loss == "sec":
             self.name = "deeplabv3-sec"
@@ -122,11 +124,14 @@ class SegTask(TrainTask):
             self.present = present_classes(samples, spec)
 
     def build_model(self):
-        if self.init is None:
+        if self.init is None and self.backbone_from is None:
             return DeepLabV3(self.cfg.seg.model, self.spec.num_classes)
         untrained = dataclasses.replace(self.cfg.seg.model, pretrained=False, weights_file=None)
         model = DeepLabV3(untrained, self.spec.num_classes)
-        model.load_state_dict(load_checkpoint(self.init, self.meta)["model"])
+        if self.init is not None:
+            model.load_state_dict(load_checkpoint(self.init, self.meta)["model"])
+        else:
+            load_classifier_backbone(model, self.backbone_from)
         return model
 
     def dataset(self):
@@ -147,6 +152,22 @@ class SegTask(TrainTask):
         return loss, {"ce": float(loss.detach())}
 
 
+def load_classifier_backbone(model: DeepLabV3, path: Path) -> None:
+    """The backbone of the classifier checkpoint ``path`` into ``model.backbone`` (every tensor, strictly)."""
+    state = load_checkpoint(path)["model"]
+    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        model.backbone.load_state_dict(backbone)
+    except RuntimeError as e:
+        raise ConfigError(f"seg.init=classifier: the backbone in {path} does not fit seg.model "
+                          f"({str(e).splitlines()[0]}); set seg.model like model, or seg.init=weights") from None
+
+
+def classifier_init(cfg) -> tuple[str, ...]:
+    """The classifier stage, where the segmentation network's backbone starts from it (``seg.init: classifier``)."""
+    return (CLS,) if cfg.seg.init == "classifier" else ()
+
+
 def seg_seed(cfg) -> int:
     """The seed of the segmentation network's training: ``seg.seed``, or the run's ``seed`` when that is null."""
     return cfg.seed if cfg.seg.seed is None else cfg.seg.seed
@@ -156,8 +177,8 @@ def train_inputs(cfg) -> tuple[str, ...]:
     """What the segmentation network trains on: SEC's cues come from the maps, CE from the pseudo masks (or the
     ground truth: the fully supervised upper bound reads no stage)."""
     if cfg.seg.loss == "sec":
-        return (MAPS,)
-    return (PSEUDO,) if cfg.seg.masks == "pseudo" else ()
+        return (MAPS, *classifier_init(cfg))
+    return (PSEUDO,) * (cfg.seg.masks == "pseudo") + classifier_init(cfg)
 
 
 def train_settings(cfg) -> dict:
@@ -196,7 +217,15 @@ def check_train(ctx: RunContext) -> None:
             check_crf_config(cfg.crf)
     elif cfg.seg.masks == "gt" and not any(s.mask is not None for s in samples):
         raise DataError(f"seg.masks=gt: split '{split}' has no ground-truth masks")
-    check_weights(cfg.seg.model, section="seg.model")
+    if cfg.seg.init == "classifier":
+        differ = [k for k in ("backbone", "output_stride") if getattr(cfg.seg.model, k) != getattr(cfg.model, k)]
+        if differ:
+            raise ConfigError("seg.init=classifier starts the segmentation network from the classifier's backbone, but "
+                              + "; ".join(f"seg.model.{k}={getattr(cfg.seg.model, k)!r} differs from "
+                                          f"model.{k}={getattr(cfg.model, k)!r}" for k in differ)
+                              + "; set them alike, or seg.init=weights")
+    else:
+        check_weights(cfg.seg.model, section="seg.model")
 
 
 def compute_train(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
@@ -221,9 +250,15 @@ def compute_train(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
         masks = GroundTruthMasks(ctx.reader)
     log.info("seg: training DeepLabV3/%s on %d images with %s", cfg.seg.model.backbone, len(samples),
              "SEC losses" if cfg.seg.loss == "sec" else f"{cfg.seg.masks} masks")
-    result = fit(SegTask(cfg, samples, ctx.spec, masks), stage.dir, ctx.after_epoch)
+    result = fit(SegTask(cfg, samples, ctx.spec, masks, backbone_from=backbone_init(inputs)), stage.dir,
+                 ctx.after_epoch)
     return {"role": "seg", "images": len(samples), "masks": cfg.seg.masks, "loss": cfg.seg.loss,
             "epochs": len(result["history"]), "train_seconds": round(sum(r["seconds"] for r in result["history"]), 1)}
+
+
+def backbone_init(inputs: dict) -> Path | None:
+    """The classifier checkpoint the segmentation network's backbone starts from, if the stage reads one."""
+    return inputs[CLS].dir / "model.pt" if CLS in inputs else None
 
 
 def check_pseudo_folder(folder: Path, samples: list[Sample]) -> None:

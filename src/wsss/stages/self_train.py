@@ -361,7 +361,8 @@ def compute_round(k: int):
         log.info("seg round %d/%d: training DeepLabV3/%s on %d images relabelled by round %d (init: %s)", k,
                  cfg.self_train.rounds, cfg.seg.model.backbone, len(samples), k - 1, cfg.self_train.init)
         task = seg_stage.SegTask(cfg, samples, ctx.spec, seg_stage.PseudoMasks(folder, ctx.spec.num_classes,
-                                                                              ctx.spec.ignore_index), init)
+                                                                              ctx.spec.ignore_index), init,
+                                 seg_stage.backbone_init(inputs))
         task.name = f"deeplabv3 round {k}"
         result = fit(task, stage.dir, ctx.after_epoch)
         info = {"role": "seg", "round": k, "images": len(samples), "masks": f"relabelled by round {k - 1}",
@@ -465,7 +466,7 @@ def declare_rounds(decls: list[StageDecl], cfg: Config) -> list[StageDecl]:
             for k in range(2, rounds + 1):
                 out.append(StageDecl(relabel_name(k), compute_relabel(k), (seg_name(k - 1),), relabel_settings,
                                      check if k == 2 else None))
-                previous = (seg_name(k - 1),) if cfg.self_train.init == "previous" else ()
+                previous = (seg_name(k - 1),) if cfg.self_train.init == "previous" else seg_stage.classifier_init(cfg)
                 out.append(StageDecl(seg_name(k), compute_round(k), (relabel_name(k), *previous), round_settings))
         elif d.name == PRED:
             def predict(ctx, inputs, stage, compute=d.compute):
