@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from wsss.config.plugins import check_config
+from wsss.config.runtime import resolved
 from wsss.config.schema import Config
 from wsss.config.typed import MOVED_KEYS, _keys_of, build, config_hash, to_dict  # noqa: F401  (re-exported)
 from wsss.errors import ConfigError
@@ -94,7 +95,8 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when ``path`` is None), apply ``key=value`` overrides, validate
-    everything the config alone can tell (:func:`check_config`). Reads no data."""
+    everything the config alone can tell (:func:`check_config`); ``runtime.precision: auto`` becomes what this
+    machine runs natively (:mod:`wsss.config.runtime`). Reads no data."""
     file_tree = read_yaml(path) if path is not None else {}
     label = str(path) if path is not None else None
     tree = copy.deepcopy(file_tree)
@@ -104,10 +106,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_path(tree, key, value)
         applied.append((text, key))
     try:
-        return check_config(build(Config, tree, ""))
+        cfg = check_config(build(Config, tree, ""))
     except ConfigError as e:
         where = _blame(e, file_tree, label, applied)
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+    return resolved(cfg)
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

@@ -136,7 +136,9 @@ class ScheduleConfig:
     weight_decay: float = bounded(1e-4, ge=0)
     #: polynomial learning-rate decay power (0 = constant)
     poly_power: float = bounded(0.9, ge=0)
-    crop_size: int = bounded(320, ge=16)
+    #: square crop side, or [height, width]: a crop shaped like the images (e.g. [224, 320] for MSRC-21's 320 x 213
+    #: landscape photos) wastes no compute on padding
+    crop_size: int | tuple[int, int] = bounded(320, ge=16)
     #: random rescale range before cropping
     scale_range: tuple[float, float] = bounded((0.7, 1.3), gt=0, ordered=True)
     hflip: bool = True
@@ -151,8 +153,10 @@ class RuntimeConfig:
     accelerator: str = "auto"
     #: training processes (DDP when > 1; on CPU through gloo)
     devices: int = bounded(1, ge=1)
-    #: fp32 (deterministic tests) or bf16 (autocast; 2.5-3.5x faster on CPUs with bf16 units and on GPUs)
-    precision: Literal["fp32", "bf16"] = "bf16"
+    #: auto = bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AVX-512 bf16 or AMX), fp32
+    #: elsewhere (bf16 is emulated there, and many times slower); fp32 = deterministic reruns (tests); bf16 =
+    #: autocast, 1.4-3.5x faster on CPUs with bf16 units and on GPUs. See wsss.config.runtime.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     #: show progress bars (in no stage key)
     progress: bool = True
@@ -289,6 +293,10 @@ class SegConfig:
     model: SegModelConfig = field(default_factory=SegModelConfig)
     #: 0.001: the classifier's 0.01 leaves the pixel-wise CE stuck near 2.7 on MSRC-21; 0.001 fits in a few epochs
     train: ScheduleConfig = field(default_factory=lambda: ScheduleConfig(batch_size=8, lr=0.001))
+    #: the backbone's initial weights: ``weights`` = what seg.model names (ImageNet, or seg.model.weights_file);
+    #: ``classifier`` = this run's trained classifier's backbone (same backbone and output stride as ``model``), which
+    #: has already adapted to the dataset's images, so fewer epochs reach the same quality (benchmarks/RESULTS.md)
+    init: Literal["weights", "classifier"] = "weights"
     #: pseudo = the pseudo masks of this run; gt = ground-truth masks (the fully supervised upper bound)
     masks: Literal["pseudo", "gt"] = "pseudo"
     #: ce = cross-entropy on the masks (ignoring 255); sec = SEC's seed/expand/constrain losses on localization cues
