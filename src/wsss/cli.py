@@ -6,9 +6,11 @@ INPUT...`` and ``export RUN_DIR`` apply a finished run to new images and export 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
+import os
 import sys
 import time
 
@@ -284,8 +286,18 @@ _STORAGE_ERRORS = {
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # under torchrun (wsss.engine.shard) rank 0 speaks for every process: the others log warnings and errors only
+    # and print nothing
+    quiet = os.environ.get("RANK", "0") != "0"
+    logging.basicConfig(level=logging.WARNING if quiet else logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    if quiet:
+        with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+            return _main(args)
+    return _main(args)
+
+
+def _main(args) -> int:
     try:
         rc = args.fn(args)
     except WsssError as e:

@@ -35,6 +35,7 @@ from wsss.api import Run
 from wsss.data.datasets import InferenceDataset, loader_workers
 from wsss.data.io import image_size, save_mask_png
 from wsss.data.readers import Sample
+from wsss.engine import shard
 from wsss.errors import DataError
 from wsss.runs import atomic_path, atomic_write_bytes, atomic_write_json
 from wsss.seg.sec import images_uint8
@@ -159,19 +160,28 @@ def segment_files(run: Run, inputs: list[str], out: str | Path, overlay: bool = 
     jobs, errors = collect_inputs(inputs, out)
     if not jobs:
         raise DataError("no image to segment:\n  " + "\n  ".join(errors))
+    input_errors = len(errors)
+    shard.init()  # under torchrun: each process segments its share of the images, on the GPU of its LOCAL_RANK
     model, device, cfg = run.segmenter, run.device, run.cfg
     out.mkdir(parents=True, exist_ok=True)
-    check_record(run, out)
-    todo = [j for j in jobs if not all(p.is_file() for p in j.outputs(out, overlay, probs).values())]
+    if shard.is_main():
+        check_record(run, out)
+    shard.barrier()
+    # rank 0 says what is left before any output is written; each process then segments its share of the batches
+    # one process would form, so that every output equals one process's
+    todo = [j for j in jobs if not all(p.is_file() for p in j.outputs(out, overlay, probs).values())] \
+        if shard.is_main() else None
+    todo = shard.from_main(todo)
     samples = [Sample(id=j.name, image=j.source, mask=None) for j in todo]
-    batches = _batches(samples, batch_size or cfg.maps.batch_size)
+    batches = shard.shard(_batches(samples, batch_size or cfg.maps.batch_size))
+    mine = sum(map(len, batches))
     loader = DataLoader(maps_stage.SafeItems(InferenceDataset(samples, run.spec)), batch_sampler=batches,
                         num_workers=loader_workers(cfg.data.workers), collate_fn=maps_stage.collate_with_errors)
     palette = run.spec.palette_bytes()
     classes = np.array(run.classes)
     t0 = time.perf_counter()
     done = downscaled = 0
-    bar = tqdm(total=len(todo), desc="segment", unit="img", disable=None if progress is None else not progress,
+    bar = tqdm(total=mine, desc="segment", unit="img", disable=None if progress is None else not progress,
                mininterval=1.0)
     for item in loader:
         errors += item["errors"]
@@ -197,6 +207,10 @@ def segment_files(run: Run, inputs: list[str], out: str | Path, overlay: bool = 
         downscaled += len(batch["id"]) if was_downscaled else 0
         bar.update(len(batch["id"]))
     bar.close()
+    # every process's files are written; the inputs' errors are every process's, the images' each its own
+    everyone = shard.gather((done, downscaled, errors[input_errors:]))
+    done, downscaled = (sum(x[i] for x in everyone) for i in range(2))
+    errors = errors[:input_errors] + [e for x in everyone for e in x[2]]
     seconds = time.perf_counter() - t0
     return {"images": len(jobs), "written": done, "skipped": len(jobs) - len(todo), "downscaled": downscaled,
             "errors": errors, "seconds": round(seconds, 2), "images_per_s": round(done / max(seconds, 1e-9), 2),

@@ -39,6 +39,7 @@ from wsss.data.datasets import ClassificationDataset, SeededSampler, loader_work
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import TrainTransform
+from wsss.engine import shard
 from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
 from wsss.methods import build_method
 
@@ -68,7 +69,10 @@ def make_fabric(cfg: Config) -> Fabric:
     if t.devices > 1:
         strategy = "ddp" if _under_torchrun() else "ddp_spawn"
     precision = "bf16-mixed" if t.precision == "bf16" else "32-true"
-    return Fabric(accelerator=accelerator, devices=t.devices, strategy=strategy, precision=precision)
+    # under torchrun on several machines, Fabric checks devices x num_nodes against the processes torchrun started
+    num_nodes = shard.nodes() if _under_torchrun() else 1
+    return Fabric(accelerator=accelerator, devices=t.devices, num_nodes=num_nodes, strategy=strategy,
+                  precision=precision)
 
 
 @dataclass

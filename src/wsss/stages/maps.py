@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from wsss.data.datasets import ImageFilter, InferenceDataset, batches_by_size, loader_workers, stack
 from wsss.data.io import image_size
+from wsss.engine import shard
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import model_meta
 from wsss.errors import DataError
@@ -76,7 +77,10 @@ def inference_model(ctx: RunContext, checkpoint):
 
 def inference_device(cfg) -> torch.device:
     wants_gpu = cfg.runtime.accelerator in ("auto", "cuda", "gpu")
-    return torch.device("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
+    if not (wants_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    # under torchrun each process on the GPU of its LOCAL_RANK (wsss.engine.shard)
+    return torch.device("cuda", shard.local_rank()) if shard.world() > 1 else torch.device("cuda")
 
 
 def _no_download(model_cfg):
@@ -136,24 +140,47 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
             what: str = "") -> dict:
     """Maps of ``samples`` -> ``out_dir/<id>.npz`` (existing files that load are kept). ``labels``: gt or pred
     (which classes get maps); ``image_filter``: applied to each image before the model sees it (a recipe's change of
-    the inputs)."""
+    the inputs). Under torchrun each process maps its share (:func:`wsss.engine.shard.shard`) and the counts are
+    every process's."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # under torchrun (wsss.engine.shard) each process looks at its share of the kept files, then every process
+    # knows what is left (no file is written before that) and maps its share of the same batches one process would
+    # form, so that every map equals one process's, bit for bit
+    looked = [i for i in shard.shard(range(len(samples))) if not usable_map_file(out_dir / f"{samples[i].id}.npz")]
+    left = sorted(i for part in shard.gather(looked) for i in part)
+    batches = shard.shard(size_batches(samples, left, ctx.cfg.maps.batch_size))
+    todo = [i for b in batches for i in b]
+    t0 = time.perf_counter()
+    mine_out = _extract(ctx, model, samples, batches, out_dir, labels, image_filter, what) if todo else ([], 0)
+    # every process's files are written once this returns, and every process raises the same error
+    everyone = shard.gather((len(todo), *mine_out))
+    elapsed = time.perf_counter() - t0
+    errors = [e for _, errs, _ in everyone for e in errs]
+    done = sum(n for _, _, n in everyone)
+    if errors:
+        raise DataError(f"maps: {len(errors)} image(s) of {what} could not be read (maps of the other "
+                        f"{done} are saved; fix or remove these and rerun):\n  " + "\n  ".join(errors))
+    if not any(n for n, _, _ in everyone):
+        return {"images": len(samples), "computed": 0}
+    return {"images": len(samples), "computed": done, "seconds": round(elapsed, 2),
+            "images_per_s": round(done / max(elapsed, 1e-9), 2)}
+
+
+def _extract(ctx: RunContext, model, samples, batches: list[list[int]], out_dir, labels: str,
+             image_filter: ImageFilter | None, what: str) -> tuple[list[str], int]:
+    """The maps of the images ``samples[i]`` of ``batches`` (lists of indices); returns the messages of the images
+    that could not be read and how many maps were written."""
     cfg = ctx.cfg
     m = cfg.maps
-    out_dir.mkdir(parents=True, exist_ok=True)
-    todo = [i for i, s in enumerate(samples) if not usable_map_file(out_dir / f"{s.id}.npz")]
-    if not todo:
-        return {"images": len(samples), "computed": 0}
-    batches = size_batches(samples, todo, m.batch_size)
     loader = DataLoader(SafeItems(InferenceDataset(samples, ctx.spec, image_filter)), batch_sampler=batches,
                         num_workers=loader_workers(cfg.data.workers), collate_fn=collate_with_errors)
     localizer = build_localizer(m.localizer, m.target_layer)
     fg_ids = torch.tensor(ctx.spec.fg_ids)
     errors: list[str] = []
-    t0 = time.perf_counter()
     done = 0
     device = next(model.parameters()).device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
-    bar = tqdm(total=len(todo), desc=f"maps {m.localizer} {what}", leave=False, disable=not cfg.runtime.progress,
+    bar = tqdm(total=sum(map(len, batches)), desc=f"maps {m.localizer} {what}", leave=False, disable=not cfg.runtime.progress,
                mininterval=1.0)
     for item in loader:
         errors += item["errors"]
@@ -180,12 +207,7 @@ def extract(ctx: RunContext, model, samples, out_dir, labels: str, image_filter:
         done += len(x)
         bar.update(len(x))
     bar.close()
-    elapsed = time.perf_counter() - t0
-    if errors:
-        raise DataError(f"maps: {len(errors)} image(s) of {what} could not be read (maps of the other "
-                        f"{done} are saved; fix or remove these and rerun):\n  " + "\n  ".join(errors))
-    return {"images": len(samples), "computed": done, "seconds": round(elapsed, 2),
-            "images_per_s": round(done / max(elapsed, 1e-9), 2)}
+    return errors, done
 
 
 def check(ctx: RunContext) -> None:
@@ -216,18 +238,19 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     return {"splits": info}
 
 
-def verify_complete(samples, folder: Path) -> None:
-    """Before a maps stage is marked done: every image has its map file (files written here are complete by their
-    atomic rename; files kept from an interrupted run were loaded before being kept)."""
-    missing = [s.id for s in samples if not (folder / f"{s.id}.npz").is_file()]
+def verify_complete(samples, folder: Path, suffix: str = ".npz", what: str = "map file") -> None:
+    """Before a per-image stage is marked done (by rank 0 under torchrun, once every process has written its share):
+    every image has its file (files written here are complete by their atomic rename; map files kept from an
+    interrupted run were loaded before being kept)."""
+    missing = [s.id for s in samples if not (folder / f"{s.id}{suffix}").is_file()]
     if missing:
-        raise DataError(f"{folder}: no map file for {len(missing)} image(s) ({', '.join(missing[:10])}); the stage is "
+        raise DataError(f"{folder}: no {what} for {len(missing)} image(s) ({', '.join(missing[:10])}); the stage is "
                         "left unfinished, rerun to complete it")
 
 
-def iter_maps(stage: Stage, ctx: RunContext, split: str):
-    """(sample, maps dict) for every image of a split, in split order."""
-    for s in ctx.reader.samples(split):
+def iter_maps(stage: Stage, ctx: RunContext, split: str, samples=None):
+    """(sample, maps dict) for every image of a split (or of ``samples`` of it), in split order."""
+    for s in ctx.reader.samples(split) if samples is None else samples:
         yield s, load_maps(stage.dir / split / f"{s.id}.npz")
 
 

@@ -29,6 +29,7 @@ the run directory's lock, each stage is reused when complete under its key or co
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -36,6 +37,7 @@ from typing import Any
 
 from wsss.config import config_hash, dump_config
 from wsss.data.readers import check_splits
+from wsss.engine import shard
 from wsss.errors import ConfigError
 from wsss.layout import CLS, EVAL, MAPS, PRED, PSEUDO, SEG
 from wsss.refine import build_chain
@@ -160,11 +162,22 @@ class Pipeline:
         visit(target)
         return [n for n in self.order if n in need]
 
-    def run(self, target: str | None = None) -> dict[str, Any]:
-        """Run ``target`` (default: every stage) and its inputs; returns each stage's Stage (or value, uncached)."""
-        ctx = self.ctx
+    def _todo(self, target: str | None) -> tuple[list[str], list[str]]:
+        """The stages :meth:`run` visits, and those of them it computes."""
         names = self.plan(target)
-        todo = [n for n in names if not self.decls[n].cached or not self.done(n)]
+        return names, [n for n in names if not self.decls[n].cached or not self.done(n)]
+
+    def run(self, target: str | None = None) -> dict[str, Any]:
+        """Run ``target`` (default: every stage) and its inputs; returns each stage's Stage (or value, uncached).
+
+        Under ``torchrun`` (:mod:`wsss.engine.shard`) every process runs this: rank 0 decides what to compute, holds
+        the lock and writes the records; every process computes each cached stage (trainings as one DDP job, per-image
+        stages on their share of the images); the uncached evaluation runs on rank 0 and its result is sent to all."""
+        ctx = self.ctx
+        shard.init()
+        main = shard.is_main()
+        # rank 0 reads the run directory before anything in it is written and the others follow its plan
+        names, todo = shard.from_main(self._todo(target) if main else None)
         if any(self.decls[n].cached for n in todo):
             check_splits(ctx.reader, used_splits(ctx.cfg))
         for n in todo:  # every check before anything is trained, written or deleted
@@ -172,31 +185,39 @@ class Pipeline:
                 self.decls[n].check(ctx)
         results: dict[str, Any] = {}
         took: list[str] = []
-        with RunLock(ctx.layout.lock):
-            dump_config(ctx.cfg, ctx.layout.config)
+        with RunLock(ctx.layout.lock) if main else contextlib.nullcontext():
+            if main:
+                dump_config(ctx.cfg, ctx.layout.config)
             for n in names:
                 d = self.decls[n]
                 if not d.cached:  # evaluation: reads (the records of) every complete stage before it
                     done = {m: self.stage(m) for m in self.order[: self.order.index(n)] if self.decls[m].cached}
                     t0 = time.perf_counter()
-                    results[n] = d.compute(ctx, {**{m: s for m, s in done.items() if s.complete}, **results}, None)
+                    value = d.compute(ctx, {**{m: s for m, s in done.items() if s.complete}, **results}, None) \
+                        if main else None
+                    results[n] = shard.from_main(value)
                     took.append(f"{n} {time.perf_counter() - t0:.1f} s")
                     continue
                 stage = self.stage(n)
-                if self.done(n):
-                    stage.activate()
+                if shard.from_main(self.done(n) if main else None):
+                    if main:
+                        stage.activate()
                     log.info("%s: reusing %s (computed earlier with these settings)", n, stage.dir)
                     results[n] = stage
                     took.append(f"{n} reused")
                     continue
                 inputs = {i: results[i] for i in self.inputs(n)}
-                resumed = stage.open()
+                resumed = shard.from_main(stage.open() if main else None)  # the others start once it is open
                 if resumed:
                     log.info("%s: resuming the unfinished work in %s", n, stage.dir)
                 t0 = time.perf_counter()
                 info = d.compute(ctx, inputs, stage) or {}
                 seconds = round(time.perf_counter() - t0, 1)
-                stage.finish(**info, resumed=resumed, stage_seconds=seconds)
+                shard.barrier()  # every process's files are written
+                if main:
+                    extra = {"processes": shard.world()} if shard.world() > 1 else {}
+                    stage.finish(**info, **extra, resumed=resumed, stage_seconds=seconds)
+                shard.barrier()  # the record is written before a later stage reads it
                 log.info("%s: done in %.1f s -> %s", n, seconds, stage.dir)
                 results[n] = stage
                 took.append(f"{n} {seconds:.1f} s{' (resumed)' if resumed else ''}")

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from wsss.config import Config, split_name
 from wsss.config.typed import to_dict
 from wsss.data.io import save_mask_png
+from wsss.engine import shard
 from wsss.errors import ConfigError
 from wsss.evaluation import ThresholdSweep
 from wsss.layout import MAPS
@@ -105,9 +106,9 @@ def key_settings(cfg: Config) -> list:
     return out
 
 
-def _items(ctx: RunContext, maps: Stage, split: str, bg_threshold: float | None) -> Iterator[Item]:
+def _items(ctx: RunContext, maps: Stage, split: str, bg_threshold: float | None, samples=None) -> Iterator[Item]:
     spec, ignore_below = ctx.spec, ctx.cfg.pseudo.ignore_below
-    for s, m in maps_stage.iter_maps(maps, ctx, split):
+    for s, m in maps_stage.iter_maps(maps, ctx, split, samples):
         yield Item(s, m["maps"], m["classes"], spec, bg_threshold, ignore_below)
 
 
@@ -166,12 +167,15 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     first = next((i for i, r in enumerate(chain) if r.workers() > 0), len(chain))
     head, tail = chain[:first], tuple(chain[first:])
     workers = tail[0].workers() if tail else 0
-    jobs = ((tail, through(head, x)) for x in _items(ctx, maps, split, bg))
+    # under torchrun this process's share of the images (wsss.engine.shard); the thresholds above are chosen by
+    # every process alike
+    every = ctx.reader.samples(split)
+    samples = shard.shard(every)
+    jobs = ((tail, through(head, x)) for x in _items(ctx, maps, split, bg, samples))
     palette = ctx.spec.palette_bytes()
     t0 = time.perf_counter()
     n = 0
-    # _items yields the split's samples in this same order, and refine_many keeps job order
-    samples = ctx.reader.samples(split)
+    # _items yields these samples in this same order, and refine_many keeps job order
     bar = tqdm(total=len(samples), desc=f"pseudo masks {split} ({', '.join(cfg.pseudo.refiners) or 'rule'})",
                leave=False, disable=not cfg.runtime.progress, mininterval=1.0)
     for s, mask in zip(samples, refine_many(finish_chain, jobs, workers), strict=True):
@@ -179,7 +183,9 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
         n += 1
         bar.update()
     bar.close()
+    n = sum(shard.gather(n))  # every process's masks are written
     seconds = time.perf_counter() - t0
+    maps_stage.verify_complete(every, out, ".png", "pseudo mask")
     log.info("pseudo: masks of %d images in %.1f s (refiners %s, %d workers)", n, seconds, list(cfg.pseudo.refiners),
              workers)
     info: dict[str, Any] = {"split": split, "images": n, "refiners": list(cfg.pseudo.refiners)}

@@ -26,6 +26,7 @@ from wsss.data.datasets import InferenceDataset, SegmentationDataset, loader_wor
 from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
 from wsss.data.transforms import TrainTransform
+from wsss.engine import shard
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.engine.train import LoopSettings, TrainTask, fit
 from wsss.errors import ConfigError, DataError
@@ -332,12 +333,15 @@ def predict_tensor(model, x: torch.Tensor, scales, flip: bool, runtime, what: st
 
 
 def predict_batches(ctx: RunContext, model, device, samples: list[Sample], indices, scales, flip: bool,
-                    what: str) -> Iterator[tuple[dict, np.ndarray]]:
+                    what: str, sharded: bool = False) -> Iterator[tuple[dict, np.ndarray]]:
     """``(batch, probs)`` for the images ``samples[i]``, ``i`` in ``indices``: batches of equal-sized images, the
     softmax of :func:`predict_tensor` as float32 (B, C, H, W) on the CPU. ``batch["downscaled"]`` says whether the
-    images were predicted downscaled."""
+    images were predicted downscaled. ``sharded``: under torchrun, only this process's share of the batches one
+    process would form (:mod:`wsss.engine.shard`), so that every prediction equals one process's."""
     cfg = ctx.cfg
     batches = maps_stage.size_batches(samples, indices, cfg.maps.batch_size)
+    if sharded:
+        batches = shard.shard(batches)
     loader = DataLoader(InferenceDataset(samples, ctx.spec), batch_sampler=batches, num_workers=loader_workers(cfg.data.workers),
                         collate_fn=stack)
     bar = tqdm(total=sum(map(len, batches)), desc=what, leave=False, disable=not cfg.runtime.progress,
@@ -359,11 +363,14 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     out = stage.dir / split
     palette = ctx.spec.palette_bytes()
     samples = ctx.reader.samples(split)
-    todo = [i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
+    # under torchrun (wsss.engine.shard) every process knows what is left before any file is written, then predicts
+    # its share of the batches (predict_batches)
+    todo = shard.from_main([i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
+                           if shard.is_main() else None)
     t0 = time.perf_counter()
     done = downscaled = 0
     for batch, probs in predict_batches(ctx, model, device, samples, todo, cfg.seg.scales, cfg.seg.flip,
-                                        f"predict {split}"):
+                                        f"predict {split}", sharded=True):
         downscaled += len(batch["id"]) if batch["downscaled"] else 0
         for b, sample_id in enumerate(batch["id"]):
             p = probs[b]
@@ -371,6 +378,8 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
                 p = dense_crf(load_image(samples[batch["index"][b]].image), p, cfg.crf)
             save_mask_png(out / f"{sample_id}.png", p.argmax(0).astype(np.uint8), palette)
         done += len(batch["id"])
+    done, downscaled = (sum(c) for c in zip(*shard.gather((done, downscaled)), strict=True))  # every share written
     elapsed = time.perf_counter() - t0
+    maps_stage.verify_complete(samples, out, ".png", "prediction")
     return {"split": split, "images": len(samples), "downscaled": downscaled, "crf_postprocess": cfg.seg.crf_postprocess,
             "device": str(device), "images_per_s": round(done / max(elapsed, 1e-9), 2)}
