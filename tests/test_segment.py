@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -215,3 +216,32 @@ def test_gpu_check_script_parses_and_refuses_without_cuda():
     res = subprocess.run(["bash", str(script)], capture_output=True, text=True, cwd=REPO,
                          env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode != 0 and "CUDA" in res.stderr
+
+
+def test_a_bf16_run_on_a_machine_without_native_bf16_predicts_in_fp32(tiny_run, tmp_path, monkeypatch, caplog):
+    from wsss.config.runtime import cpu_bf16_flags
+
+    run_dir = _copy_run(tiny_run, tmp_path / "bf16run", ["seg"], **{"runtime.precision": "bf16",
+                                                                    "runtime.accelerator": "cpu"})
+    if cpu_bf16_flags():  # this CPU has bf16 units: the run's bf16 stays
+        assert wsss.load_run(run_dir).cfg.runtime.precision == "bf16"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # as a CPU without them
+    with caplog.at_level(logging.WARNING):
+        run = wsss.load_run(run_dir)
+    assert run.cfg.runtime.precision == "fp32"
+    assert any("predicting in fp32" in r.message for r in caplog.records)
+    assert wsss.load_run(run_dir, precision="bf16").cfg.runtime.precision == "bf16"  # asked for explicitly
+
+
+def test_files_written_atomically_get_the_usual_permissions(tmp_path):
+    from wsss.runs import atomic_path, atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_path(tmp_path / "b.png") as tmp:
+            tmp.write_bytes(b"y")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o644

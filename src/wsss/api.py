@@ -32,6 +32,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from wsss.config import load_config
+from wsss.config.runtime import resolve_precision
 from wsss.data.io import load_image, pil_to_rgb
 from wsss.data.readers import open_dataset
 from wsss.data.spec import DatasetSpec
@@ -83,10 +84,13 @@ class Run:
         cfg = load_config(self.config_path, overrides)
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device cuda: torch {torch.__version__} sees no CUDA device here (use cpu or auto)")
-        if (cfg.runtime.precision == "bf16" and maps_stage.inference_device(cfg).type == "cuda"
-                and not torch.cuda.is_bf16_supported()):
-            log.warning("this GPU has no bf16: predicting in fp32")
-            cfg = load_config(self.config_path, [*overrides, "runtime.precision=fp32"])
+        if precision is None and cfg.runtime.precision == "bf16":
+            # the run recorded the precision of the machine it trained on; here bf16 may be emulated (many times
+            # slower on a CPU without bf16 units) or missing (older GPUs)
+            native, why = resolve_precision(maps_stage.inference_device(cfg).type)
+            if native == "fp32":
+                log.warning("the run used bf16, but %s: predicting in fp32 (precision='bf16' forces it)", why)
+                cfg = load_config(self.config_path, [*overrides, "runtime.precision=fp32"])
         self.cfg = cfg
         pipeline = Pipeline(RunContext(cfg))
         #: the stage of the network ``wsss predict`` reads (``seg``, or the last self-training round)

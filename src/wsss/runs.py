@@ -24,11 +24,20 @@ from typing import Any
 from wsss.errors import DataError
 
 
+def _file_mode() -> int:
+    """The mode ``open()`` gives a new file (0666 less the umask); ``mkstemp``'s own 0600 would leave the masks,
+    models and reports wsss writes readable by their owner alone."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
@@ -56,6 +65,7 @@ class atomic_path:
     def __enter__(self) -> Path:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.stem}.", suffix=".tmp" + self.suffix)
+        os.fchmod(fd, _file_mode())
         os.close(fd)
         self.tmp = Path(tmp)
         return self.tmp
