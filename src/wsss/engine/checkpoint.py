@@ -38,3 +38,15 @@ def load_checkpoint(path: Path, expect_meta: dict[str, Any] | None = None) -> di
         if diffs:
             raise CheckpointError(f"{path}: checkpoint is from another model ({'; '.join(diffs)})")
     return state
+
+
+def load_classifier_backbone(module: torch.nn.Module, path: Path, expect_meta: dict[str, Any] | None = None) -> None:
+    """The backbone of the classifier checkpoint ``path`` (its ``backbone.*`` tensors) into ``module``, strictly: the
+    segmentation network's ``seg.init: classifier`` and the affinity networks' frozen features."""
+    state = load_checkpoint(path, expect_meta)["model"]
+    body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    try:
+        module.load_state_dict(body)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: its backbone does not fit this network ({str(e).splitlines()[0]})") from None
+

@@ -52,7 +52,7 @@ from wsss.config.schema import ModelConfig
 from wsss.config.typed import to_dict
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
-from wsss.errors import CheckpointError, ConfigError
+from wsss.errors import ConfigError
 from wsss.layout import CLS, MAPS
 from wsss.methods.seam import capture_outputs, probe_stages
 from wsss.models.backbones import BACKBONES, build_backbone, check_weights, is_transformer
@@ -260,16 +260,10 @@ class AffinityRefiner(Refiner):
             mc = dataclasses.replace(mc, pretrained=False, weights_file=None)
         backbone = build_backbone(mc)
         if classifier is not None:
-            from wsss.engine.checkpoint import load_checkpoint
+            from wsss.engine.checkpoint import load_classifier_backbone
             from wsss.engine.train import model_meta
 
-            state = load_checkpoint(classifier, model_meta(self.cfg, spec))["model"]
-            body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-            try:
-                backbone.body.load_state_dict(body)
-            except RuntimeError as e:
-                raise CheckpointError(f"{classifier}: its backbone does not fit {mc.backbone} "
-                                      f"({str(e).splitlines()[0]})") from None
+            load_classifier_backbone(backbone.body, classifier, model_meta(self.cfg, spec))
         features = FrozenFeatures(backbone.body, backbone.stages, self.options.feature_stride)
         return AffinityNet(features, self.build_head(features.channels), self.options.feature_stride)
 

@@ -27,7 +27,7 @@ from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Reader, Sample
 from wsss.data.transforms import TrainTransform
 from wsss.engine import shard
-from wsss.engine.checkpoint import load_checkpoint
+from wsss.engine.checkpoint import load_checkpoint, load_classifier_backbone
 from wsss.engine.train import LoopSettings, TrainTask, fit
 from wsss.errors import ConfigError, DataError
 from wsss.layout import CLS, MAPS, PSEUDO, SEG
@@ -132,7 +132,7 @@ class SegTask(TrainTask):
         if self.init is not None:
             model.load_state_dict(load_checkpoint(self.init, self.meta)["model"])
         else:
-            load_classifier_backbone(model, self.backbone_from)
+            load_classifier_backbone(model.backbone, self.backbone_from)
         return model
 
     def dataset(self):
@@ -151,17 +151,6 @@ class SegTask(TrainTask):
         else:
             loss = F.cross_entropy(logits, batch["mask"], ignore_index=self.spec.ignore_index)
         return loss, {"ce": float(loss.detach())}
-
-
-def load_classifier_backbone(model: DeepLabV3, path: Path) -> None:
-    """The backbone of the classifier checkpoint ``path`` into ``model.backbone`` (every tensor, strictly)."""
-    state = load_checkpoint(path)["model"]
-    backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    try:
-        model.backbone.load_state_dict(backbone)
-    except RuntimeError as e:
-        raise ConfigError(f"seg.init=classifier: the backbone in {path} does not fit seg.model "
-                          f"({str(e).splitlines()[0]}); set seg.model like model, or seg.init=weights") from None
 
 
 def classifier_init(cfg) -> tuple[str, ...]:
