@@ -4,7 +4,7 @@ bf16 autocast is only fast where the matrix units take bf16: GPUs with bf16 supp
 with AVX-512 bf16 or AMX. Elsewhere PyTorch emulates it, and a CPU without them trains *slower* in bf16 than in fp32:
 on the AMD EPYC of benchmarks/RESULTS.md (section 18) restricted to AVX2 (``ONEDNN_MAX_CPU_ISA=AVX2``, as a laptop
 CPU without AVX-512 is), a classifier step ran at 0.2 images/s in bf16 against 4.4 in fp32; with its AVX-512 bf16,
-bf16 is 1.4-1.9x faster than fp32. So ``auto`` asks the hardware, never a benchmark at start-up.
+bf16 is 1.3-2.0x faster than fp32. So ``auto`` asks the hardware, never a benchmark at start-up.
 
 The choice is made once, when the config is loaded: the run's ``config.yaml`` and every stage key record the
 precision that ran (a run moved to other hardware recomputes what the precision changes).

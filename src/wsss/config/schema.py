@@ -155,7 +155,7 @@ class RuntimeConfig:
     devices: int = bounded(1, ge=1)
     #: auto = bf16 where the hardware runs it natively (GPUs with bf16, CPUs with AVX-512 bf16 or AMX), fp32
     #: elsewhere (bf16 is emulated there, and many times slower); fp32 = deterministic reruns (tests); bf16 =
-    #: autocast, 1.4-3.5x faster on CPUs with bf16 units and on GPUs. See wsss.config.runtime.
+    #: autocast, 1.3-3.5x faster on CPUs with bf16 units and on GPUs. See wsss.config.runtime.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     channels_last: bool = True
     #: show progress bars (in no stage key)
