@@ -19,7 +19,7 @@ is :func:`wsss.stages.seg.predict_tensor` (the same downscaling of very large im
 
 from __future__ import annotations
 
-import fcntl
+import dataclasses
 import logging
 import os
 import shlex
@@ -32,6 +32,7 @@ from PIL import Image
 from torch.nn import functional as F
 
 from wsss.config import load_config
+from wsss.config.runtime import autocast as runtime_autocast
 from wsss.config.runtime import resolve_precision
 from wsss.data.io import load_image, pil_to_rgb
 from wsss.data.readers import open_dataset
@@ -39,9 +40,9 @@ from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
 from wsss.engine.checkpoint import load_checkpoint
 from wsss.errors import ConfigError, DataError, WsssError
-from wsss.layout import CLS, PRED, SEG
+from wsss.layout import CLS, PRED, SEG, RunLayout
 from wsss.localize import build_localizer, multiscale_maps
-from wsss.runs import Stage
+from wsss.runs import RunLock, Stage
 from wsss.stages import maps as maps_stage
 from wsss.stages import seg as seg_stage
 from wsss.stages.context import RunContext
@@ -90,7 +91,7 @@ class Run:
             native, why = resolve_precision(maps_stage.inference_device(cfg).type)
             if native == "fp32":
                 log.warning("the run used bf16, but %s: predicting in fp32 (precision='bf16' forces it)", why)
-                cfg = load_config(self.config_path, [*overrides, "runtime.precision=fp32"])
+                cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision="fp32"))
         self.cfg = cfg
         pipeline = Pipeline(RunContext(cfg))
         #: the stage of the network ``wsss predict`` reads (``seg``, or the last self-training round)
@@ -113,24 +114,9 @@ class Run:
             args += [f"runs_dir={self.run_dir.parent}", f"name={self.run_dir.name}"]
         return " ".join(["wsss", cmd, *map(shlex.quote, args)])
 
-    def _holder(self) -> str | None:
-        """The command that holds the run's lock (:class:`wsss.runs.RunLock`) now, if one does."""
-        try:
-            fd = os.open(self.run_dir / ".lock", os.O_RDONLY)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return None
-        except BlockingIOError:
-            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-        finally:
-            os.close(fd)
-
     def _missing(self, name: str, what: str, command: str) -> DataError:
         state = "is unfinished" if (self.run_dir / name).exists() else "was never run"
-        holder = self._holder()
+        holder = RunLock.holder(RunLayout(self.run_dir).lock)
         if holder:
             return DataError(f"{self.run_dir} has no {what} yet: its stage '{name}' {state} and a command is working "
                              f"in the run now ({holder}); wait for it to finish")
@@ -252,7 +238,7 @@ class Run:
         h, w = x.shape[-2:]
         x = seg_stage.downscale_to_fit(x, "cam")
         out_idx = torch.tensor([[self.spec.fg_ids.index(idx)]], device=self.device)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.runtime.precision == "bf16")
+        autocast = runtime_autocast(self.device, self.cfg.runtime.precision)
         with autocast:
             maps, _ = multiscale_maps(model, build_localizer(m.localizer, m.target_layer), x, out_idx, m.scales, m.flip,
                                       m.aggregate, "max" if m.normalize == "none" else m.normalize,

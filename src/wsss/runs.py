@@ -210,6 +210,11 @@ def folder_size(folder: Path) -> int:
     return total
 
 
+def _holder_line(fd: int) -> str:
+    """What the holder of a run lock wrote into it (:class:`RunLock`)."""
+    return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+
+
 class RunLock:
     """An exclusive lock on a run directory for the duration of a command (``fcntl.flock`` on ``<run>/.lock``).
 
@@ -228,7 +233,7 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            holder = _holder_line(fd)
             os.close(fd)
             raise DataError(f"run directory {self.path.parent} is in use by another wsss command ({holder}); wait for "
                             "it to finish, or give this run another name (name=...)") from None
@@ -236,6 +241,22 @@ class RunLock:
         os.pwrite(fd, f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}\n".encode(), 0)
         self._fd = fd
         return self
+
+    @staticmethod
+    def holder(path: Path) -> str | None:
+        """The command holding the lock file ``path`` now (pid and command line), or None when nobody holds it."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except BlockingIOError:
+            return _holder_line(fd)
+        finally:
+            os.close(fd)
 
     def __exit__(self, *exc) -> bool:
         if self._fd is not None:

@@ -74,4 +74,13 @@ def resolved(cfg):
     return dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, precision=precision))
 
 
-__all__ = ["BF16_CPU_FLAGS", "cpu_bf16_flags", "resolve_precision", "resolved"]
+def autocast(device, precision: str):
+    """The autocast context of ``runtime.precision`` on ``device`` (a torch.device or its type): bf16 autocast for
+    ``bf16``, a disabled one for ``fp32``. Every inference path (maps, prediction, segment, the refiners) uses it."""
+    import torch
+
+    kind = device if isinstance(device, str) else device.type
+    return torch.autocast(kind, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+__all__ = ["BF16_CPU_FLAGS", "autocast", "cpu_bf16_flags", "resolve_precision", "resolved"]

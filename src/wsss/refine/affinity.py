@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from wsss.config.runtime import autocast as runtime_autocast
 from wsss.config.schema import ModelConfig
 from wsss.config.typed import to_dict
 from wsss.data.spec import DatasetSpec
@@ -325,8 +326,7 @@ class AffinityRefiner(Refiner):
         if len(x.classes) == 0:
             return x
         t0 = time.perf_counter()
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=self.cfg.runtime.precision == "bf16")
+        autocast = runtime_autocast(self.device, self.cfg.runtime.precision)
         with torch.no_grad():
             with autocast:
                 out = self.infer(self.net, to_tensor(x.image)[None].to(self.device))

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from wsss.config.runtime import autocast as runtime_autocast
 from wsss.data.datasets import ImageFilter, InferenceDataset, batches_by_size, loader_workers, stack
 from wsss.data.io import image_size
 from wsss.engine import shard
@@ -179,7 +180,7 @@ def _extract(ctx: RunContext, model, samples, batches: list[list[int]], out_dir,
     errors: list[str] = []
     done = 0
     device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.runtime.precision == "bf16")
+    autocast = runtime_autocast(device, cfg.runtime.precision)
     bar = tqdm(total=sum(map(len, batches)), desc=f"maps {m.localizer} {what}", leave=False, disable=not cfg.runtime.progress,
                mininterval=1.0)
     for item in loader:

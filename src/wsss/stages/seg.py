@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from wsss.config.runtime import autocast as runtime_autocast
 from wsss.config.schema import split_name
 from wsss.config.typed import to_dict
 from wsss.data.datasets import InferenceDataset, SegmentationDataset, loader_workers, stack
@@ -313,7 +314,7 @@ def predict_tensor(model, x: torch.Tensor, scales, flip: bool, runtime, what: st
     x = downscale_to_fit(x, what, ids)
     if runtime.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=runtime.precision == "bf16")
+    autocast = runtime_autocast(x.device, runtime.precision)
     with torch.no_grad(), autocast:
         probs = predict_probs(model, x, scales, flip)
     if probs.shape[-2:] != (h, w):
