@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -47,14 +47,20 @@ class ImageFilter(Protocol):
 
 class ClassificationDataset(Dataset):
     """Items are ``(index, seed)`` pairs from :class:`SeededSampler`; returns image, multi-hot labels, index.
-    With ``image_filter``, each image is filtered before the transform."""
+    With ``image_filter``, each image is filtered before the transform. With ``saliency`` (``(uint8 RGB image as
+    loaded, sample) -> (H, W) float in [0, 1]``, picklable for loader workers, e.g.
+    :class:`wsss.saliency.StoredSaliency`), the item also has ``"saliency"``: that map (of the unfiltered image)
+    through the image's own rescale, flip and crop, (1, h, w), :data:`~wsss.data.transforms.SALIENCY_IGNORE` where the
+    crop padded."""
 
     def __init__(self, samples: list[Sample], spec: DatasetSpec, transform: TrainTransform,
-                 image_filter: ImageFilter | None = None):
+                 image_filter: ImageFilter | None = None,
+                 saliency: Callable[[np.ndarray, Sample], np.ndarray] | None = None):
         self.samples = samples
         self.spec = spec
         self.transform = transform
         self.image_filter = image_filter
+        self.saliency = saliency
         self.targets = [label_vector(s.labels or (), spec) for s in samples]
 
     def __len__(self) -> int:
@@ -64,10 +70,14 @@ class ClassificationDataset(Dataset):
         index, seed = item
         s = self.samples[index]
         rgb = load_image(s.image)
+        sal = self.saliency(rgb, s) if self.saliency is not None else None
         if self.image_filter is not None:
             rgb = self.image_filter(rgb, s.id)
-        img, _ = self.transform(rgb, None, seed)
-        return {"image": img, "labels": self.targets[index], "index": index}
+        if sal is None:
+            img, _ = self.transform(rgb, None, seed)
+            return {"image": img, "labels": self.targets[index], "index": index}
+        img, _, sal = self.transform.apply(rgb, seed, saliency=sal)
+        return {"image": img, "labels": self.targets[index], "index": index, "saliency": sal}
 
 
 class SeededSampler(Sampler):
