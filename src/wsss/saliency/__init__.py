@@ -9,9 +9,17 @@ in the saliency cache (:mod:`wsss.saliency.cache`).
 """
 
 from wsss.saliency import classical, folder, onnx_model, u2net  # noqa: F401  (register the sources)
-from wsss.saliency.base import SALIENCY_SOURCES, SaliencySource, build_source, saliency_key
+from wsss.saliency.base import (
+    SALIENCY_SOURCES,
+    SaliencySource,
+    StoredSaliency,
+    build_source,
+    saliency_key,
+    source_key,
+)
 from wsss.saliency.classical import frequency_tuned, spectral_residual
 
 __all__ = [
-    "SALIENCY_SOURCES", "SaliencySource", "build_source", "frequency_tuned", "saliency_key", "spectral_residual",
+    "SALIENCY_SOURCES", "SaliencySource", "StoredSaliency", "build_source", "frequency_tuned", "saliency_key",
+    "source_key", "spectral_residual",
 ]

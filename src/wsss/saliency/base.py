@@ -131,16 +131,48 @@ def build_source(cfg: SaliencyConfig) -> SaliencySource:
     return SALIENCY_SOURCES.get(cfg.source)(cfg)
 
 
-def saliency_key(cfg: SaliencyConfig) -> dict:
-    """The saliency settings that change pseudo masks (for the pseudo stage key): the common ones, the chosen
-    source's own options and its file fingerprint. An unknown source is keyed by its name only (building the source
-    reports it)."""
-    d = asdict(cfg)
-    keep = list(COMMON_OPTIONS)
-    out: dict[str, Any] = {}
+def source_key(cfg: SaliencyConfig) -> dict:
+    """What determines the maps themselves: the source's name, its own options and its file fingerprint (for the
+    key of a stage that reads the maps, such as a classifier trained with saliency). An unknown source is keyed by
+    its name only (building the source reports it)."""
+    out: dict[str, Any] = {"source": cfg.source}
     if cfg.source in SALIENCY_SOURCES:
         cls = SALIENCY_SOURCES.get(cfg.source)
-        keep += list(cls.options)
+        d = asdict(cfg)
+        out.update({k: d[k] for k in cls.options})
         out["files"] = cls.fingerprint(cfg)
-    out.update({k: d[k] for k in keep})
     return out
+
+
+def saliency_key(cfg: SaliencyConfig) -> dict:
+    """The saliency settings that change pseudo masks (for the pseudo stage key): the common ones, the chosen
+    source's own options and its file fingerprint (:func:`source_key`)."""
+    d = asdict(cfg)
+    return {**source_key(cfg), **{k: d[k] for k in COMMON_OPTIONS}}
+
+
+class StoredSaliency:
+    """A source's maps where the source itself should not go: data-loader workers and spawned training processes.
+
+    Picklable and cheap to copy (no model session): a model source's maps are read from its saliency cache, where
+    :meth:`SaliencySource.precompute` put them once; any other source (a fixed image transform, a folder of PNGs) is
+    light and is asked directly. A map missing from the cache (a cache that could not be written) is computed by the
+    source, built in the process that needs it."""
+
+    def __init__(self, source: SaliencySource):
+        self.cfg = source.cfg
+        self.cache = source.map_cache
+        self._source: SaliencySource | None = None if source.stores_maps else source
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if state["_source"] is not None and state["_source"].stores_maps:
+            state["_source"] = None  # built again where it is needed
+        return state
+
+    def __call__(self, image: np.ndarray, sample: Any = None) -> np.ndarray:
+        if self.cache is not None and (stored := self.cache.get(image)) is not None:
+            return stored
+        if self._source is None:
+            self._source = build_source(self.cfg)
+        return self._source(image, sample)
