@@ -42,6 +42,7 @@ from wsss.data.transforms import TrainTransform
 from wsss.engine import shard
 from wsss.engine.checkpoint import load_checkpoint, save_checkpoint
 from wsss.methods import build_method
+from wsss.saliency import StoredSaliency, build_source
 
 log = logging.getLogger("wsss.train")
 
@@ -98,6 +99,10 @@ class TrainTask:
     def __init__(self, cfg: Config, settings: LoopSettings, meta: dict):
         self.cfg, self.settings, self.meta = cfg, settings, meta
 
+    def prepare(self) -> None:
+        """Work done once, in the process that launches the training, before any training process starts (e.g.
+        computing per-image inputs that every epoch reads). Default: nothing."""
+
     def build_model(self) -> torch.nn.Module:  # must offer .param_groups(lr, head_lr_mult)
         raise NotImplementedError
 
@@ -121,14 +126,28 @@ class ClassifierTask(TrainTask):
         self.samples, self.spec = samples, spec
         self.name = cfg.method.name
         self.method = build_method(cfg.method.name, cfg.method.options, has_background=spec.background is not None)
+        self.saliency: StoredSaliency | None = None
+
+    def prepare(self) -> None:
+        """A method that learns from saliency (:attr:`~wsss.methods.Method.uses_saliency`): the ``saliency`` source's
+        map of every training image, computed once here (a model source stores them in the saliency cache; under
+        torchrun each process computes its share), so that no epoch computes one again."""
+        if not self.method.uses_saliency or self.saliency is not None:
+            return
+        source = build_source(self.cfg.saliency)
+        source.precompute(shard.shard(self.samples), progress=self.cfg.runtime.progress)
+        shard.barrier()
+        self.saliency = StoredSaliency(source)
 
     def build_model(self):
         return self.method.build_model(self.cfg.model, self.spec.num_fg)
 
     def dataset(self):
         t = self.cfg.train
+        self.prepare()  # already done by fit() in the launching process; here for a task used without fit()
         return ClassificationDataset(self.samples, self.spec,
-                                     TrainTransform(t.crop_size, t.scale_range, t.hflip, self.spec.ignore_index))
+                                     TrainTransform(t.crop_size, t.scale_range, t.hflip, self.spec.ignore_index),
+                                     saliency=self.saliency)
 
     def transform_batch(self, batch, generator):
         return self.method.transform_batch(batch, generator)
@@ -145,6 +164,7 @@ def fit_classifier(cfg: Config, samples: list[Sample], spec: DatasetSpec, out_di
 
 def fit(task: TrainTask, out_dir: Path, after_epoch: Callable[[int], None] | None = None) -> dict:
     """Train (or resume) ``task``; writes ``out_dir/last.ckpt`` every epoch and ``out_dir/model.pt`` at the end."""
+    task.prepare()
     fabric = make_fabric(task.cfg)
     if task.cfg.runtime.devices > 1 and not _under_torchrun():
         with _logging_of_spawned_processes() as logs:

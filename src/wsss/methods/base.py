@@ -1,7 +1,8 @@
 """The method plugin interface: what a classifier-training recipe may change.
 
 A method answers four questions and nothing else: what it adds to the model (``build_model``), to the batch
-(``transform_batch``), to the loss (``loss``), and which model output holds the localization maps (``maps``).
+(``transform_batch``; a method that sets ``uses_saliency`` also gets each image's saliency map in it), to the loss
+(``loss``), and which model output holds the localization maps (``maps``).
 The training loop, checkpoints, devices, precision and multi-scale inference are shared and live elsewhere.
 Options are a dataclass per method, validated and filled in with every default at load
 (:meth:`Method.resolve_options`, called by :func:`wsss.config.load_config`): an option another method owns is rejected
@@ -34,6 +35,11 @@ class NoOptions:
 class Method:
     name: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
+    #: the method learns from saliency: each training batch then has ``"saliency"``, (B, 1, H, W) in [0, 1], the
+    #: ``saliency`` source's map of each image through the image's own rescale, flip and crop
+    #: (:data:`wsss.data.transforms.SALIENCY_IGNORE` where the crop padded); the saliency settings then key the
+    #: classifier, and a source trained on pixel masks makes the run's figures "I+S"
+    uses_saliency: ClassVar[bool] = False
 
     def __init__(self, options: dict[str, Any] | None = None, *, has_background: bool | None = None):
         #: whether the dataset has a background class (None = not known, e.g. a method built outside a run); a

@@ -127,17 +127,18 @@ SUPERVISION = {
 def supervision_of(cfg) -> dict:
     """The supervision behind the maps, the pseudo masks and the segmentation network of a run: ``I`` (image labels),
     ``I+S`` (and a saliency network trained with pixel masks: a saliency source whose class does not set
-    ``pixel_supervised = False``, or a method whose class sets ``uses_saliency``) or ``F`` (``seg.masks=gt``)."""
+    ``pixel_supervised = False``, read by the ``saliency`` refiner -- the pseudo masks on -- or by a method whose class
+    sets ``uses_saliency`` -- the maps on) or ``F`` (``seg.masks=gt``)."""
     from wsss.methods import METHODS
     from wsss.saliency import SALIENCY_SOURCES
 
-    method = METHODS.get(cfg.method.name)
-    maps = "I+S" if getattr(method, "uses_saliency", False) else "I"
+    method_reads = getattr(METHODS.get(cfg.method.name), "uses_saliency", False)
     saliency = None
-    if "saliency" in cfg.pseudo.refiners or maps == "I+S":
+    if "saliency" in cfg.pseudo.refiners or method_reads:
         source = SALIENCY_SOURCES.get(cfg.saliency.source)
         if getattr(source, "pixel_supervised", True):
             saliency = cfg.saliency.source
+    maps = "I+S" if method_reads and saliency else "I"
     pseudo = "I+S" if maps == "I+S" or saliency else "I"
     seg = "F" if cfg.seg.masks == "gt" else pseudo
     out = {"maps": maps, "pseudo": pseudo, "seg": seg, "about": {k: SUPERVISION[k] for k in {maps, pseudo, seg}}}

@@ -57,9 +57,7 @@ from wsss.stages.declare import RECIPES, StageDecl
 log = logging.getLogger("wsss.pipeline")
 
 STAGES: tuple[StageDecl, ...] = (
-    StageDecl(CLS, train_cls.compute, (),
-              ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "runtime", "seed"),
-              train_cls.check),
+    StageDecl(CLS, train_cls.compute, (), train_cls.key_settings, train_cls.check),
     # the maps of a split do not depend on which other splits are mapped: maps.splits is in no key, and a variant
     # missing a split that is now asked for is extended (maps.covers)
     StageDecl(MAPS, maps.compute, (CLS,), ("maps", "-maps.splits", "runtime.precision"), maps.check,

@@ -4,7 +4,8 @@
 classes (the label check of :mod:`wsss.data.label_check`: classes on nearly every image are warned about, a split
 where most classes are refuses unless ``label_check.force``; the record goes into ``stage.json``), every image
 decodes (a corrupt file fails in seconds, naming every bad file, rather than hours later inside a loader worker),
-and the backbone's initial weights are there. Training itself is the shared loop (:mod:`wsss.engine.train`): checkpoints
+and the backbone's initial weights are there (and, for a method that learns from saliency, the saliency source can give
+every training image a map). Training itself is the shared loop (:mod:`wsss.engine.train`): checkpoints
 every epoch, resume, devices, precision.
 """
 
@@ -17,9 +18,15 @@ from wsss.data.datasets import drop_unlabelled
 from wsss.data.io import load_image
 from wsss.engine.train import fit_classifier
 from wsss.errors import DataError
+from wsss.methods import METHODS
 from wsss.models.backbones import check_weights
 from wsss.runs import Stage, atomic_write_json
+from wsss.saliency import build_source, source_key
 from wsss.stages.context import RunContext
+from wsss.stages.declare import select
+
+#: the settings that key the classifier (plus the saliency source's for a method that learns from saliency)
+KEYED_BY = ("data", "-data.val_split", "-data.test_split", "model", "method", "train", "runtime", "seed")
 
 log = logging.getLogger("wsss.stages")
 
@@ -63,11 +70,25 @@ def check_label_spread(ctx: RunContext) -> dict:
     return record
 
 
+def key_settings(cfg) -> dict:
+    """The classifier's key: :data:`KEYED_BY`, and for a method that learns from saliency what determines the maps
+    (:func:`wsss.saliency.source_key`; not the refiner's threshold or bands). Other methods' keys are as before
+    saliency could reach a classifier, so their run directories stay valid."""
+    settings = select(cfg, KEYED_BY)
+    if METHODS.get(cfg.method.name).uses_saliency:
+        settings["saliency"] = source_key(cfg.saliency)
+    return settings
+
+
 def check(ctx: RunContext) -> None:
     samples, _ = training_samples(ctx)
     check_label_spread(ctx)
     check_images(ctx, samples, f"split '{ctx.split_name('train')}'")
     check_weights(ctx.cfg.model)
+    if METHODS.get(ctx.cfg.method.name).uses_saliency:
+        # built here: a model file that is missing and cannot be fetched, or a folder without some image's map,
+        # fails before anything is trained
+        build_source(ctx.cfg.saliency).check(samples)
 
 
 def train_classifier(ctx: RunContext, task_or_samples, out_dir, skipped: list[str]) -> dict:
@@ -93,4 +114,5 @@ def compute(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     return {**train_classifier(ctx, samples, stage.dir, skipped), "label_check": ctx.label_check}
 
 
-__all__ = ["check", "check_images", "check_label_spread", "compute", "train_classifier", "training_samples"]
+__all__ = ["KEYED_BY", "check", "check_images", "check_label_spread", "compute", "key_settings", "train_classifier",
+           "training_samples"]
