@@ -116,7 +116,10 @@ class SegModelConfig(ModelConfig):
 
 @dataclass
 class MethodConfig:
-    #: classifier-training recipe registered in wsss.methods (``wsss methods`` lists them)
+    #: classifier-training recipe registered in wsss.methods (``wsss list`` lists them): cam, hide_and_seek, adv_erase,
+    #: acol, mdc, mixup, cutmix, seam, eps (EPS, Lee et al., CVPR 2021: also learns from each training image's saliency
+    #: map, from the ``saliency`` section's source; with a source trained on pixel masks, u2net / u2netp / onnx, the
+    #: run's figures are "image labels + saliency", I+S)
     name: str = "cam"
     #: options of that method, validated by the method
     options: dict[str, Any] = field(default_factory=dict)
@@ -225,7 +228,8 @@ class CrfConfig:
 @dataclass
 class SaliencyConfig:
     """Saliency-guided pseudo masks (Oh et al., CVPR 2017), the ``saliency`` refiner of ``pseudo.refiners``; see
-    wsss.refine.saliency and wsss.saliency."""
+    wsss.refine.saliency and wsss.saliency. The source (not threshold, ignore_band, min_cam) is also what a method
+    that learns from saliency (``method.name: eps``) trains on."""
 
     #: saliency source registered in wsss.saliency: spectral_residual (Hou & Zhang, CVPR 2007; needs no file),
     #: frequency_tuned (Achanta et al., CVPR 2009), onnx (a salient-object model file), u2net / u2netp (U²-Net, Qin et
