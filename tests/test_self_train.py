@@ -144,6 +144,32 @@ def test_relabelled_masks_keep_to_the_labels_and_ignore_low_confidence(tmp_path,
     assert 0 < info["kept_fraction"] < 1
 
 
+def test_agreement_keeps_the_previous_masks_where_the_network_agrees_and_ignores_the_rest(tmp_path, monkeypatch):
+    cfg = _toy(tmp_path, **{"self_train.masks": "agreement", "self_train.confidence": "none",
+                            "self_train.scales": "[1.0]", "self_train.flip": False})
+    ctx = RunContext(cfg)
+    run_stage(ctx, "seg")
+    monkeypatch.setattr(self_train.seg_stage, "segmenter_on_device",
+                        lambda ctx, stage: (FavoursBlue(), torch.device("cpu")))
+    stage = run_stage(ctx, "relabel_r2")
+    assert stage.info()["masks"] == "agreement"
+    pseudo = Pipeline(ctx).stage("pseudo")
+    agree = disagree = 0
+    for s in ctx.reader.samples("train"):
+        mask = np.asarray(Image.open(stage.dir / "train" / f"{s.id}.png"))
+        before = np.asarray(Image.open(pseudo.dir / "train" / f"{s.id}.png"))
+        with np.load(stage.dir / "confidence" / "train" / f"{s.id}.npz") as z:
+            net = z["label"]
+        same = (net == before) & (before != 255)
+        assert (mask[same] == before[same]).all()  # kept: the previous label, unchanged
+        assert (mask[~same] == 255).all()  # the network disagrees: ignore, never the network's label
+        agree, disagree = agree + int(same.sum()), disagree + int((~same).sum())
+    assert agree > 0 and disagree > 0
+    # the option keys the relabelling: switching back to the network's labels is another variant
+    other = RunContext(load_config(None, _overrides(cfg) + ["self_train.masks=network"]))
+    assert Pipeline(other).stage("relabel_r2").key != stage.key
+
+
 def test_a_killed_round_resumes_and_a_change_recomputes_only_later_rounds(tmp_path, caplog):
     cfg = _toy(tmp_path, **{"seg.train.epochs": 2, "self_train.threshold": 0.0})
     calls = []

@@ -333,6 +333,10 @@ class SelfTrainConfig:
     flip: bool = True
     #: dense CRF (crf.* kernels) of the label-restricted probabilities on the image, before the confidence rule
     crf: bool = False
+    #: round k + 1's labels: ``network`` = round k's label-restricted prediction; ``agreement`` = the masks round k
+    #: trained on, kept where that prediction agrees with them and ignore (255) where it does not (Khoreva et al.'s
+    #: M-and-G+ rule, the network as the second source); the confidence rule applies after either
+    masks: Literal["network", "agreement"] = "network"
     #: which pixels become ignore (255): ``threshold`` = winning probability below ``threshold``; ``quantile`` = per
     #: predicted class, the least confident ``drop`` fraction of its pixels over the split; ``none`` = keep all
     confidence: Literal["threshold", "quantile", "none"] = "threshold"

@@ -17,6 +17,12 @@ With ``self_train.rounds: K`` the pipeline's declaration reads::
   image (``self_train.crf``), then the confidence rule: pixels the rule does not trust become ignore (255).
   ``relabel_r<k>/<split>/<id>.png`` are the masks; ``confidence/<split>/<id>.npz`` the arg-max and its probability
   (kept for analysis, and so that a killed stage resumes image by image).
+  With ``self_train.masks: agreement`` the labels are instead the masks round k-1 trained on (the pseudo masks for
+  round 2), kept where that restricted prediction agrees with them and ignore where it does not: the network, which
+  cannot fit a training label that contradicts the rest of its data, flags the labels most likely wrong (the rule of
+  Khoreva et al.'s M-and-G+ masks -- two label sources, ignore where they disagree -- with the network as the second
+  source; the small-loss criterion of noisy-label learning, e.g. Han et al., "Co-teaching", NeurIPS 2018, in its
+  hard form). Nothing is relabelled, only removed.
 - ``seg_r<k>``: round k's network, trained on those masks with ``seg.train``, from the ``seg.model`` weights
   (``init: imagenet``) or from round k-1's network (``init: previous``).
 - ``pred`` predicts ``seg.predict_split`` with the last round's network.
@@ -53,12 +59,12 @@ import numpy as np
 
 from wsss.config import Config, split_name
 from wsss.config.typed import to_dict
-from wsss.data.io import load_image, save_mask_png
+from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Sample
 from wsss.engine.train import fit
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation import confusion_matrix, segmentation_scores
-from wsss.layout import EVAL, PRED, SEG
+from wsss.layout import EVAL, PRED, PSEUDO, SEG
 from wsss.refine import check_crf_config, dense_crf
 from wsss.runs import Stage, atomic_path
 from wsss.stages import evaluate
@@ -120,6 +126,19 @@ def class_thresholds(rule: str, value: float | None, hist: np.ndarray | None, nu
         below = np.cumsum(hist[c]) / n
         out[c] = np.searchsorted(below, value, side="left") / BINS
     return out
+
+
+def agreed(label: np.ndarray, previous: np.ndarray, ignore_index: int) -> np.ndarray:
+    """``previous`` where ``label`` equals it, ``ignore_index`` elsewhere (and where either already was)."""
+    if label.shape != previous.shape:
+        raise DataError(f"self-training: the previous round's mask is {previous.shape[1]}x{previous.shape[0]}, the "
+                        f"network's labels {label.shape[1]}x{label.shape[0]}")
+    return np.where((label == previous) & (label != ignore_index), previous, ignore_index).astype(np.uint8)
+
+
+def previous_masks(k: int) -> str:
+    """The stage holding the masks round k-1 trained on."""
+    return PSEUDO if k == 2 else relabel_name(k - 1)
 
 
 def filtered(label: np.ndarray, conf: np.ndarray, thresholds: np.ndarray, ignore_index: int) -> np.ndarray:
@@ -282,8 +301,12 @@ def compute_relabel(k: int):
         n = spec.num_classes
         conf_kept, conf_all = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
         kept = total = 0
+        before = inputs[previous_masks(k)].dir / split if st.masks == "agreement" else None
         for s in samples:
             label, conf = _load_confidence(folder / f"{s.id}.npz")
+            if before is not None:
+                label = agreed(label, load_mask(before / f"{s.id}.png", n, spec.ignore_index, label.shape),
+                               spec.ignore_index)
             mask = filtered(label, conf, thresholds, spec.ignore_index)
             save_mask_png(stage.dir / split / f"{s.id}.png", mask, palette)
             kept += int((mask != spec.ignore_index).sum())
@@ -292,7 +315,8 @@ def compute_relabel(k: int):
                 gt = ctx.reader.load_mask(s, mask.shape)
                 conf_kept += confusion_matrix(gt, mask, n, spec.ignore_index)
                 conf_all += confusion_matrix(gt, label, n, spec.ignore_index)
-        info.update({"split": split, "images": len(samples), "computed": computed, "rule": st.confidence,
+        info.update({"split": split, "images": len(samples), "computed": computed, "masks": st.masks,
+                     "rule": st.confidence,
                      "rule_value": choice["value"], "chosen_on": choice["chosen_on"], "crf": st.crf,
                      "kept_fraction": round(kept / max(total, 1), 4),
                      "class_thresholds": {c: round(float(t), 3) for c, t in zip(spec.classes, thresholds)},
@@ -432,6 +456,8 @@ def relabel_settings(cfg: Config) -> dict:
     st = cfg.self_train
     out: dict = {"scales": st.scales, "flip": st.flip, "crf": st.crf, "confidence": st.confidence,
                  "split": split_name(cfg, cfg.pseudo.split)}
+    if st.masks != "network":  # absent by default, so that rounds keyed before the option are still found
+        out["masks"] = st.masks
     if st.crf:
         out["crf_settings"] = seg_stage.without(cfg.crf, "workers")
     if st.confidence != "none":
@@ -464,7 +490,8 @@ def declare_rounds(decls: list[StageDecl], cfg: Config) -> list[StageDecl]:
         if d.name == SEG:
             out.append(dataclasses.replace(d, compute=compute_first_round))
             for k in range(2, rounds + 1):
-                out.append(StageDecl(relabel_name(k), compute_relabel(k), (seg_name(k - 1),), relabel_settings,
+                sources = (seg_name(k - 1),) + ((previous_masks(k),) if cfg.self_train.masks == "agreement" else ())
+                out.append(StageDecl(relabel_name(k), compute_relabel(k), sources, relabel_settings,
                                      check if k == 2 else None))
                 previous = (seg_name(k - 1),) if cfg.self_train.init == "previous" else seg_stage.classifier_init(cfg)
                 out.append(StageDecl(seg_name(k), compute_round(k), (relabel_name(k), *previous), round_settings))
@@ -480,5 +507,5 @@ def declare_rounds(decls: list[StageDecl], cfg: Config) -> list[StageDecl]:
     return out
 
 
-__all__ = ["ConfidenceValue", "allowed_classes", "class_thresholds", "confidence_value", "declare_rounds", "filtered",
+__all__ = ["ConfidenceValue", "agreed", "allowed_classes", "class_thresholds", "confidence_value", "declare_rounds", "filtered",
            "relabel_name", "restrict", "rounds_table", "score_network", "seg_name", "write_confidence"]
