@@ -1,12 +1,14 @@
 """MSRC-21 objects (stuff classes -> background): CAM + background threshold vs saliency-guided pseudo masks.
 
     .venv/bin/wsss run configs/msrc21-objects.yaml name=objects          # classifier + maps (once)
-    .venv/bin/python benchmarks/saliency.py --name objects [--onnx model.onnx] [--folder saliency_pngs/] [k=v ...]
+    .venv/bin/python benchmarks/saliency.py --name objects [--sources spectral_residual,u2netp,u2net] \
+        [--onnx model.onnx] [--folder saliency_pngs/] [k=v ...]
 
 Needs the run's classifier and maps (train and val) to exist already: it never trains. For each kind of pseudo mask
 the one threshold it has (the background score for CAM, the saliency threshold for the fusion) is chosen on val by
 a sweep over ``eval.sweep``, then the masks of the **train** split are scored with it (where pseudo-mask quality is
-reported). Sources: spectral_residual and frequency_tuned always; onnx with ``--onnx`` (``saliency.onnx_*``
+reported). Sources: the registered ones named by ``--sources`` (default spectral_residual and frequency_tuned; u2net /
+u2netp fetch their model into the saliency cache on first use); onnx with ``--onnx`` (``saliency.onnx_*``
 overrides set its input size / normalisation / output mode); folder with ``--folder``. ``saliency.ignore_band`` and
 ``saliency.min_cam`` overrides apply to every source (ignore pixels count nowhere in the mIoU, so an ignore band
 trades coverage for precision: coverage is reported). No CRF.
@@ -37,7 +39,7 @@ from wsss.pseudo import pseudo_mask
 from wsss.pseudo.masks import best_class
 from wsss.refine.saliency import check_saliency_config, fuse, fuse_best
 from wsss.runs import Stage
-from wsss.saliency import build_source
+from wsss.saliency import SALIENCY_SOURCES, build_source
 from wsss.stages import maps as maps_stage
 from wsss.stages.context import RunContext
 from wsss.stages.pipeline import Pipeline
@@ -104,19 +106,22 @@ def saliency_run(ctx: RunContext, source_cfg, source, val, train) -> dict:
         obj, salient = valid & (gt != spec.background), valid & (sal > t)
         inter += int((obj & salient).sum())
         union += int((obj | salient).sum())
-    return {"source": source_cfg.source, "threshold": t, "val_miou": best["miou"], "val_sweep": sweep.results(),
+    trained = getattr(SALIENCY_SOURCES.get(source_cfg.source), "pixel_supervised", True)
+    return {"source": source_cfg.source, "supervision": "I+S" if trained else "I", "threshold": t,
+            "val_miou": best["miou"], "val_sweep": sweep.results(),
             "train": train_scores, "train_salient_vs_object_iou": round(100 * inter / max(union, 1), 2),
             "source_images_per_s": round((len(val) + len(train)) / max(seconds, 1e-9), 2)}
 
 
 def markdown(out: dict) -> str:
-    rows = ["| pseudo masks (train split) | threshold (chosen on val) | val mIoU | train mIoU | train class-avg acc | "
-            "coverage % | salient vs object IoU | source images/s |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| pseudo masks (train split) | supervision | threshold (chosen on val) | val mIoU | train mIoU | "
+            "train class-avg acc | coverage % | salient vs object IoU | source images/s |",
+            "|---|---|---|---|---|---|---|---|---|"]
     c = out["cam"]
-    rows.append(f"| CAM + background threshold | bg {c['threshold']} | {c['val_miou']} | {c['train']['miou']} | "
+    rows.append(f"| CAM + background threshold | I | bg {c['threshold']} | {c['val_miou']} | {c['train']['miou']} | "
                 f"{c['train']['class_avg_acc']} | {c['train']['coverage']} | – | – |")
     for r in out["saliency"]:
-        rows.append(f"| saliency ({r['source']}) + CAM class | saliency {r['threshold']} | {r['val_miou']} | "
+        rows.append(f"| saliency ({r['source']}) + CAM class | {r['supervision']} | saliency {r['threshold']} | {r['val_miou']} | "
                     f"{r['train']['miou']} | {r['train']['class_avg_acc']} | {r['train']['coverage']} | "
                     f"{r['train_salient_vs_object_iou']} | {r['source_images_per_s']} |")
     head = (f"Run `{out['run']}`, dataset {out['dataset']}, maps `{out['maps_key']}`; thresholds chosen on "
@@ -129,6 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--name", required=True, help="run name whose classifier and maps exist")
     p.add_argument("--config", default=str(CONFIG))
+    p.add_argument("--sources", default="spectral_residual,frequency_tuned",
+                   help="comma-separated registered saliency sources (e.g. spectral_residual,u2netp,u2net)")
     p.add_argument("--onnx", help="an ONNX salient-object model (adds the onnx source)")
     p.add_argument("--folder", help="a folder of precomputed <id>.png saliency maps (adds the folder source)")
     p.add_argument("--out", default=str(OUT))
@@ -143,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                  f"run `wsss run {args.config} name={args.name}` first (this benchmark never trains)")
     val_split, train_split = ctx.split_name(cfg.eval.select_on), ctx.split_name("train")
     val, train = load_split(ctx, maps, val_split), load_split(ctx, maps, train_split)
-    sources = [dataclasses.replace(cfg.saliency, source=n) for n in ("spectral_residual", "frequency_tuned")]
+    sources = [dataclasses.replace(cfg.saliency, source=n.strip()) for n in args.sources.split(",") if n.strip()]
     if args.onnx:
         sources.append(dataclasses.replace(cfg.saliency, source="onnx", onnx_path=args.onnx))
     if args.folder:
