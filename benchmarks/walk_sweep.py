@@ -1,6 +1,8 @@
 """The affinity walk's length and exponent on one split (val by default), with the run's trained affinity network:
 mIoU of the walked maps (pseudo-mask rule) for each (steps, beta), optionally followed by the dense CRF, beside the
-maps alone and the CRF alone. For choosing ``pseudo.options.<irn|psa>.steps`` / ``beta`` on val, never on train.
+maps alone and the CRF alone. With a background class each variant's background threshold is the best of
+``eval.sweep`` on the same split (the split's mIoU is then the best-threshold one, as the pseudo stage chooses it).
+For choosing ``pseudo.options.<irn|psa>.steps`` / ``beta`` on val, never on train.
 
     .venv/bin/python benchmarks/walk_sweep.py --config configs/msrc21.yaml --refiner irn \
         --walks 8x10,32x10,32x30,64x30,256x10 --crf-after 32x60,64x30 name=demo [key=value ...]
@@ -18,7 +20,7 @@ import time
 import numpy as np
 
 from wsss.config import load_config
-from wsss.evaluation import confusion_matrix, segmentation_scores
+from wsss.evaluation import ThresholdSweep, confusion_matrix, segmentation_scores
 from wsss.localize import load_maps
 from wsss.refine import build_chain
 from wsss.refine.base import Item
@@ -61,22 +63,40 @@ def main(argv=None) -> dict:
     opts = walker.options
     t0 = time.perf_counter()
     samples = [s for s in ctx.reader.samples(split) if s.mask is not None]
+    settings = list(dict.fromkeys((st, b) for st, b, _ in (v for v in rows.values() if v is not None)))
+    # a dataset with a background class: each variant's background threshold is the best of eval.sweep on this
+    # split, on the maps as the variant's first mask-giving step sees them (as the pseudo stage chooses it), so a
+    # first pass walks and sweeps, the second applies the thresholds (and the CRF, which takes the threshold)
+    background = spec.background is not None
+    sweeps = {k: ThresholdSweep(spec, ctx.cfg.eval.sweep) for k in ["maps alone", *settings]} if background else {}
+    images = []
     for s in samples:
         m = load_maps(maps_stage.dir / split / f"{s.id}.npz")
         gt = ctx.reader.load_mask(s, m["maps"].shape[1:])
         item = Item(s, m["maps"], m["classes"], spec)
+        walked = {}
+        for steps, beta in settings:
+            walker.options = dataclasses.replace(opts, steps=steps, beta=beta)
+            walked[(steps, beta)] = walker(item)
+        if background:
+            sweeps["maps alone"].add(item.maps, item.classes, gt)
+            for key, out in walked.items():
+                sweeps[key].add(out.maps, out.classes, gt)
+        images.append((gt, item, walked))
+    chosen = {k: sw.best()["threshold"] for k, sw in sweeps.items()}
+    for gt, item, walked in images:
+        item = item.replace(bg_threshold=chosen.get("maps alone"))
         conf["maps alone"] += confusion_matrix(gt, item.final_mask(), n, spec.ignore_index)
         conf["crf alone"] += confusion_matrix(gt, crf(item).final_mask(), n, spec.ignore_index)
-        walked = {}
         for name, setting in rows.items():
             if setting is None:
                 continue
             steps, beta, then_crf = setting
-            if (steps, beta) not in walked:
-                walker.options = dataclasses.replace(opts, steps=steps, beta=beta)
-                walked[(steps, beta)] = walker(item)
-            out = walked[(steps, beta)]
+            out = walked[(steps, beta)].replace(bg_threshold=chosen.get((steps, beta)))
             conf[name] += confusion_matrix(gt, (crf(out) if then_crf else out).final_mask(), n, spec.ignore_index)
+    if background:
+        print("background thresholds chosen on this split: " + ", ".join(
+            f"{k if isinstance(k, str) else f'walk {k[0]}x{k[1]:g}'} {t}" for k, t in chosen.items()))
     scores = {k: segmentation_scores(c, spec.classes)["miou"] for k, c in conf.items()}
     print(f"{args.refiner} walk on {split} ({len(samples)} images, {time.perf_counter() - t0:.0f} s); network "
           f"{stage.dir}\n| variant | mIoU |\n|---|---|")
