@@ -102,8 +102,10 @@ def test_loss_of_the_model_trains_both_losses():
     x = torch.randn(2, 3, 16, 16)
     out = model(x)
     assert out["eps_maps"].shape == (2, 4, 4, 4) and out["cams"].shape == (2, 3, 4, 4)
-    torch.testing.assert_close(out["cams"], out["eps_maps"][:, :3])
-    torch.testing.assert_close(out["logits"], out["cams"].mean(dim=(2, 3)))
+    # the localization maps: the class channels of the softmax over all four maps (the official infer.py's)
+    torch.testing.assert_close(out["cams"], torch.softmax(out["eps_maps"], dim=1)[:, :3])
+    assert (out["cams"].sum(1) < 1).all()  # the background map takes its share at every pixel
+    torch.testing.assert_close(out["logits"], out["eps_maps"][:, :3].mean(dim=(2, 3)))
     torch.testing.assert_close(model.cam(model.features(x)), out["cams"])
     sal = torch.rand(2, 1, 16, 16)
     loss, parts = method.loss(out, {"labels": torch.tensor([[1.0, 0, 1], [0, 1, 0]]), "saliency": sal})
