@@ -223,6 +223,10 @@ def test_bad_settings_fail_at_load_or_before_anything_runs(tmp_path):
         load_config(None, fast_overrides(root, tmp_path / "runs", **{"self_train.confidence": "loose"}))
     with pytest.raises(ConfigError, match="self_train.threshold"):
         load_config(None, fast_overrides(root, tmp_path / "runs", **{"self_train.threshold": 1.5}))
+    agree = load_config(None, fast_overrides(root, tmp_path / "runs", **{"self_train.rounds": 2,
+                                                                        "self_train.masks": "agreement"}))
+    with pytest.raises(ConfigError, match="self_train.threshold: null .* self_train.confidence: none"):
+        Pipeline(RunContext(agree)).run()
     cfg = load_config(None, fast_overrides(root, tmp_path / "runs", **{"self_train.rounds": 2, "seg.masks": "gt"}))
     with pytest.raises(ConfigError, match="seg.masks: pseudo"):
         Pipeline(RunContext(cfg)).run()

@@ -335,7 +335,8 @@ class SelfTrainConfig:
     crf: bool = False
     #: round k + 1's labels: ``network`` = round k's label-restricted prediction; ``agreement`` = the masks round k
     #: trained on, kept where that prediction agrees with them and ignore (255) where it does not (Khoreva et al.'s
-    #: M-and-G+ rule, the network as the second source); the confidence rule applies after either
+    #: M-and-G+ rule, the network as the second source); the confidence rule applies after either (with agreement
+    #: its value must be given, or confidence: none)
     masks: Literal["network", "agreement"] = "network"
     #: which pixels become ignore (255): ``threshold`` = winning probability below ``threshold``; ``quantile`` = per
     #: predicted class, the least confident ``drop`` fraction of its pixels over the split; ``none`` = keep all

@@ -143,12 +143,10 @@ class EPS(Method):
 
         sal = cfg.saliency
         source = SALIENCY_SOURCES.get(sal.source, key="saliency.source")
-        if sal.source == "folder" and not sal.folder:
-            raise ConfigError("method eps learns from each training image's saliency map: saliency.source=folder "
-                              "needs saliency.folder, the directory of <id>.png maps")
-        if sal.source == "onnx" and not sal.onnx_path:
-            raise ConfigError("method eps learns from each training image's saliency map: saliency.source=onnx needs "
-                              "saliency.onnx_path, the model file")
+        try:
+            source.check_settings(sal)
+        except ConfigError as e:
+            raise ConfigError(f"method eps learns from each training image's saliency map: {e}") from None
         if source.stores_maps and not sal.cache_maps:
             raise ConfigError(f"method eps reads every training image's saliency map in every epoch: the model source "
                               f"saliency.source={sal.source} must store them once (saliency.cache_maps=true), else "

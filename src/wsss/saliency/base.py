@@ -71,6 +71,11 @@ class SaliencySource:
         """Raise (before any expensive work) if some of ``samples`` cannot get a map. Default: every image can."""
 
     @classmethod
+    def check_settings(cls, cfg: SaliencyConfig) -> None:
+        """Raise :class:`ConfigError` naming the key when a setting this source cannot do without is unset; cheap
+        (opens no file), so a config can be checked at load. The constructor calls it too. Default: needs none."""
+
+    @classmethod
     def fingerprint(cls, cfg: SaliencyConfig) -> dict:
         """What identifies the files this source reads (for stage keys); cheap, and never raises."""
         return {}

@@ -28,10 +28,14 @@ LIST_AT_MOST = 100
 class FolderSaliency(SaliencySource):
     options = ("folder",)
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @classmethod
+    def check_settings(cls, cfg) -> None:
         if not cfg.folder:
             raise ConfigError("saliency.folder: the folder saliency source needs the directory of <id>.png maps")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.check_settings(cfg)
         self.folder = Path(cfg.folder)
         if not self.folder.is_dir():
             raise ConfigError(f"saliency.folder: {self.folder} is not a directory")

@@ -52,12 +52,16 @@ class OnnxSaliency(SaliencySource):
     #: resized image divided by its own maximum, as U²-Net's ToTensorLab)
     divide_by: str = "255"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    @classmethod
+    def check_settings(cls, cfg) -> None:
         if not cfg.onnx_path:
             raise ConfigError("saliency.onnx_path: the onnx saliency source needs a model file (an ONNX salient-object "
                               "network); set saliency.onnx_path, or use source spectral_residual / frequency_tuned / "
                               "u2net / u2netp")
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.check_settings(cfg)
         path = Path(cfg.onnx_path)
         if not path.is_file():
             raise ConfigError(f"saliency.onnx_path: {path} does not exist")

@@ -46,6 +46,10 @@ class U2Net(OnnxSaliency):
     divide_by = "max"
     expected = (f"input '{INPUT_NAME}' {INPUT_SHAPE} float (U²-Net's) and output (1, 1, H, W) or (1, H, W) float")
 
+    @classmethod
+    def check_settings(cls, cfg) -> None:  # the named model needs no setting (not onnx_path)
+        pass
+
     def __init__(self, cfg):
         SaliencySource.__init__(self, cfg)
         path = fetch.ensure_model(self.model, cfg.cache_dir)

@@ -129,10 +129,9 @@ def class_thresholds(rule: str, value: float | None, hist: np.ndarray | None, nu
 
 
 def agreed(label: np.ndarray, previous: np.ndarray, ignore_index: int) -> np.ndarray:
-    """``previous`` where ``label`` equals it, ``ignore_index`` elsewhere (and where either already was)."""
-    if label.shape != previous.shape:
-        raise DataError(f"self-training: the previous round's mask is {previous.shape[1]}x{previous.shape[0]}, the "
-                        f"network's labels {label.shape[1]}x{label.shape[0]}")
+    """``previous`` where ``label`` equals it, ``ignore_index`` elsewhere (and where either already was); the
+    caller reads ``previous`` with :func:`~wsss.data.io.load_mask` at ``label``'s size, which names a file that does
+    not fit."""
     return np.where((label == previous) & (label != ignore_index), previous, ignore_index).astype(np.uint8)
 
 
@@ -442,6 +441,12 @@ def check(ctx: RunContext) -> None:
     st = cfg.self_train
     if st.crf:
         check_crf_config(cfg.crf)
+    if _rule_value(st) is None and st.masks == "agreement":
+        # the value would be chosen for the network's own labels on val, where there are no previous masks to
+        # agree with: a rule chosen for other labels than the ones it filters
+        raise ConfigError(f"self_train.{_setting(st).split('.')[1]}: null chooses it on val for the network's own "
+                          "labels, but self_train.masks=agreement filters the previous masks; set "
+                          "self_train.confidence: none (agreement alone) or give the value")
     if _rule_value(st) is None:
         split = ctx.split_name(cfg.eval.select_on)
         if not any(s.mask is not None for s in ctx.reader.samples(split)):
