@@ -418,3 +418,24 @@ def test_loader_workers_never_exceed_the_cores_this_process_may_use():
     cores = len(os.sched_getaffinity(0))
     assert loader_workers(0) == 0 and loader_workers(1) == 1
     assert loader_workers(cores + 6) == cores
+
+
+@pytest.mark.parametrize("orientation, turned", [(1, False), (3, False), (6, True), (8, True)])
+def test_exif_orientation_gives_the_image_viewers_show(tmp_path, orientation, turned):
+    from wsss.data.io import image_size, load_image, load_mask
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :10] = 255  # a white band on the stored image's left edge
+    img = Image.fromarray(pixels)
+    exif = img.getexif()
+    exif[0x0112] = orientation
+    img.save(tmp_path / "photo.jpg", exif=exif.tobytes(), quality=95)
+    shown = load_image(tmp_path / "photo.jpg")
+    assert shown.shape[:2] == ((40, 20) if turned else (20, 40))
+    assert image_size(tmp_path / "photo.jpg") == shown.shape[:2]  # the header size is the rotated one too
+    # where the band ends up: 6 turns clockwise (band on top), 8 anticlockwise (band at the bottom), 3 by 180 degrees
+    band = {1: np.s_[:, :10], 3: np.s_[:, -10:], 6: np.s_[:10, :], 8: np.s_[-10:, :]}[orientation]
+    assert shown[band].mean() > 200 and shown.mean() < 100
+    # a mask drawn on the image as shown fits it
+    Image.fromarray(np.zeros(shown.shape[:2], np.uint8)).save(tmp_path / "mask.png")
+    assert load_mask(tmp_path / "mask.png", 3, 255, image_size(tmp_path / "photo.jpg")).shape == shown.shape[:2]

@@ -1,8 +1,10 @@
 """Reading images and masks with errors that name the file, and writing palette PNGs.
 
 Images of any mode (grayscale, palette, RGBA, CMYK, 16-bit) are converted to 8-bit RGB: the colour terms of a CRF
-and the network's normalisation both expect that. Masks must be single-channel index images of the same size as
-their image, holding class indices or the ignore index.
+and the network's normalisation both expect that. A photo's EXIF orientation tag (phones store portrait photos as
+landscape pixels plus a rotation) is applied, so the image is the one viewers show, and a mask drawn on it fits; the
+size read from the header (:func:`image_size`) is that of the rotated image too. Masks must be single-channel index
+images of the same size as their image, holding class indices or the ignore index.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import io
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from wsss.errors import DataError
 from wsss.runs import atomic_write_bytes
@@ -23,11 +25,19 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not deep inside a worker later
-            return pil_to_rgb(img)
+            return pil_to_rgb(ImageOps.exif_transpose(img) if _orientation(img) != 1 else img)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image (corrupt or truncated file?): {e}") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored), 1 where there is none or it cannot be read."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # a damaged EXIF block: the pixels are still the image
+        return 1
 
 
 def pil_to_rgb(img: Image.Image) -> np.ndarray:
@@ -41,10 +51,12 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(height, width) from the header only."""
+    """(height, width) from the header only, after the EXIF orientation (as :func:`load_image` returns it)."""
     try:
         with Image.open(path) as img:
-            return img.height, img.width
+            # orientations 5-8 turn the image by 90 degrees
+            turned = _orientation(img) in (5, 6, 7, 8)
+            return (img.width, img.height) if turned else (img.height, img.width)
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError) as e:
