@@ -1,0 +1,122 @@
+"""Can the segmentation network relabel better than the pseudo masks it learned from? Asked where the answer is
+honest: on a split the network never trained on (val by default).
+
+Self-training (``self_train.rounds`` > 1) relabels the *training* images, which the network has fitted, so its
+predictions there mostly repeat its training masks. On held-out images its label-restricted prediction is what a
+relabelling would be worth if the network did not remember the image (a k-fold relabelling, for instance). This
+script scores, on ``--split`` of a finished run (ground truth needed):
+
+- ``maps + CRF``: the classifier's maps through the dense CRF (``crf.*``), the pseudo-mask rule of the default chain;
+- ``network``: round 1's network, softmax over ``self_train.scales`` and mirrors, restricted to the image's labels
+  (what ``relabel_r2`` computes);
+- mixtures ``w * maps + (1 - w) * network`` of the two probability maps, without and with the CRF (``w`` = 1 is the
+  maps alone, 0 the network alone): whether the two sources together beat either.
+
+    .venv/bin/python benchmarks/relabel_heldout.py runs/demo [--split val] [--weights 0 0.25 0.5 0.75 1]
+
+Maps of the split must exist (``maps.splits`` holds it; the default configs compute train, val and test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from wsss.config import load_config
+from wsss.data.io import load_image
+from wsss.evaluation import confusion_matrix, segmentation_scores
+from wsss.localize.store import load_maps
+from wsss.refine import dense_crf
+from wsss.refine.crf import maps_to_probs
+from wsss.runs import Stage
+from wsss.stages import seg as seg_stage
+from wsss.stages.context import RunContext
+from wsss.stages.self_train import allowed_classes, restrict
+
+
+def stage_dir(run: Path, name: str) -> Path:
+    link = run / name
+    if not link.is_symlink():
+        sys.exit(f"{run}: no stage '{name}' (finish the run first: wsss run {run / 'config.yaml'})")
+    stage = Stage(run, name, Path(os.readlink(link)).name)
+    if not stage.complete:
+        sys.exit(f"{stage.dir}: the stage '{name}' is unfinished")
+    return stage
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("run", type=Path, help="a finished run directory (runs/<name>)")
+    ap.add_argument("--split", default="val", help="a split the network did not train on (default val)")
+    ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                    help="weights w of the maps in w * maps + (1 - w) * network")
+    ap.add_argument("--out", type=Path, help="write the scores as JSON here")
+    args = ap.parse_args()
+
+    cfg = load_config(args.run / "config.yaml", ["runtime.progress=false"])
+    ctx = RunContext(cfg)
+    spec = ctx.spec
+    split = ctx.split_name(args.split)
+    train = ctx.split_name(cfg.pseudo.split)
+    if split == train:
+        sys.exit(f"--split {split} is the split the network trained on; choose a held-out one")
+    seg = stage_dir(args.run, "seg")
+    maps = stage_dir(args.run, "maps")
+    bg = None
+    if spec.background is not None:
+        bg = stage_dir(args.run, "pseudo").info().get("bg_threshold")
+        if bg is None:
+            sys.exit("the run's pseudo stage recorded no background threshold")
+    model, device = seg_stage.segmenter_on_device(ctx, seg)
+    samples = [s for s in ctx.reader.samples(split) if s.mask is not None]
+    if not samples:
+        sys.exit(f"split '{split}' has no ground-truth masks")
+    n = spec.num_classes
+    conf = {(w, crf): np.zeros((n, n), np.int64) for w in args.weights for crf in (False, True)}
+    st = cfg.self_train
+    t0 = time.perf_counter()
+    for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, range(len(samples)), st.scales, st.flip,
+                                                  f"network on {split}"):
+        for b, i in enumerate(batch["index"]):
+            s = samples[int(i)]
+            net = restrict(probs[b], allowed_classes(s.labels or (), spec))
+            if net is None:
+                continue
+            m = load_maps(maps.dir / split / f"{s.id}.npz")
+            cam = np.zeros_like(net)
+            if len(m["classes"]):
+                p, labels = maps_to_probs(m["maps"], m["classes"], spec, bg, cfg.crf.temperature)
+                cam[labels] = p
+            image = load_image(s.image)
+            gt = ctx.reader.load_mask(s, net.shape[1:])
+            for w in args.weights:
+                mix = (w * cam + (1 - w) * net).astype(np.float32)
+                conf[(w, False)] += confusion_matrix(gt, mix.argmax(0).astype(np.uint8), n, spec.ignore_index)
+                refined = dense_crf(image, mix, cfg.crf)
+                conf[(w, True)] += confusion_matrix(gt, refined.argmax(0).astype(np.uint8), n, spec.ignore_index)
+    rows = []
+    for (w, crf), cm in conf.items():
+        scores = segmentation_scores(cm, spec.classes)
+        rows.append({"maps_weight": w, "crf": crf, "miou": scores["miou"],
+                     "per_class_iou": {c: v["iou"] for c, v in scores["per_class"].items()}})
+    print(f"{args.run} on {split} ({len(samples)} images, {time.perf_counter() - t0:.0f} s); round 1's network "
+          f"{seg.dir.name}, maps {maps.dir.name}")
+    print("| maps weight w | w * maps + (1 - w) * network | + dense CRF |")
+    print("|---|---|---|")
+    for w in args.weights:
+        raw = next(r for r in rows if r["maps_weight"] == w and not r["crf"])
+        ref = next(r for r in rows if r["maps_weight"] == w and r["crf"])
+        what = {0.0: " (network alone)", 1.0: " (maps alone)"}.get(w, "")
+        print(f"| {w}{what} | {raw['miou']} | {ref['miou']} |")
+    if args.out:
+        args.out.write_text(json.dumps({"split": split, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
