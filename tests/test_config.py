@@ -59,8 +59,10 @@ def test_runtime_settings_in_the_stage_keys():
 
     base = keys()
     assert keys("runtime.progress=false") == base
-    fp32 = keys("runtime.precision=fp32")
-    assert fp32["maps"] != base["maps"] and fp32["cls"] != base["cls"] and fp32["seg"] != base["seg"]
+    # explicit precisions: the default (auto) resolves at load to the machine's own, fp32 on a CPU without bf16 units
+    fp32, bf16 = keys("runtime.precision=fp32"), keys("runtime.precision=bf16")
+    assert fp32["maps"] != bf16["maps"] and fp32["cls"] != bf16["cls"] and fp32["seg"] != bf16["seg"]
+    assert base in (fp32, bf16)
     assert keys("runtime.accelerator=cpu")["cls"] != base["cls"]
     for override in ("seg.train.lr=0.01", "seg.model.freeze_bn=false", "seg.model.weights_file=w.pth"):
         seg = keys(override)
