@@ -12,16 +12,18 @@ script scores, on ``--split`` of a finished run (ground truth needed):
 - mixtures ``w * maps + (1 - w) * network`` of the two probability maps, without and with the CRF (``w`` = 1 is the
   maps alone, 0 the network alone): whether the two sources together beat either.
 
-    .venv/bin/python benchmarks/relabel_heldout.py runs/demo [--split val] [--weights 0 0.25 0.5 0.75 1]
+    .venv/bin/python benchmarks/relabel_heldout.py --config configs/msrc21.yaml name=demo [key=value ...] \
+        [--split val] [--weights 0 0.25 0.5 0.75 1]
 
-Maps of the split must exist (``maps.splits`` holds it; the default configs compute train, val and test).
+The config and overrides name the run's variants as ``wsss run`` does (the same keys): its segmentation network
+(round 1) and maps must be complete, with maps of the split (``maps.splits``; the default configs compute train, val
+and test). Writes nothing but ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -37,40 +39,41 @@ from wsss.refine.crf import maps_to_probs
 from wsss.runs import Stage
 from wsss.stages import seg as seg_stage
 from wsss.stages.context import RunContext
+from wsss.stages.pipeline import Pipeline
 from wsss.stages.self_train import allowed_classes, restrict
 
 
-def stage_dir(run: Path, name: str) -> Path:
-    link = run / name
-    if not link.is_symlink():
-        sys.exit(f"{run}: no stage '{name}' (finish the run first: wsss run {run / 'config.yaml'})")
-    stage = Stage(run, name, Path(os.readlink(link)).name)
+def complete(pipeline: Pipeline, name: str, config: str) -> Stage:
+    stage = pipeline.stage(name)
     if not stage.complete:
-        sys.exit(f"{stage.dir}: the stage '{name}' is unfinished")
+        sys.exit(f"the stage '{name}' of this config is not complete ({stage.dir}); run `wsss run {config} ...` with "
+                 "the same overrides first")
     return stage
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("run", type=Path, help="a finished run directory (runs/<name>)")
+    ap.add_argument("--config", required=True)
     ap.add_argument("--split", default="val", help="a split the network did not train on (default val)")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="weights w of the maps in w * maps + (1 - w) * network")
     ap.add_argument("--out", type=Path, help="write the scores as JSON here")
+    ap.add_argument("overrides", nargs="*", help="key=value settings of the run, as given to `wsss run`")
     args = ap.parse_args()
 
-    cfg = load_config(args.run / "config.yaml", ["runtime.progress=false"])
+    cfg = load_config(args.config, [*args.overrides, "runtime.progress=false"])
     ctx = RunContext(cfg)
+    pipeline = Pipeline(ctx)
     spec = ctx.spec
     split = ctx.split_name(args.split)
     train = ctx.split_name(cfg.pseudo.split)
     if split == train:
         sys.exit(f"--split {split} is the split the network trained on; choose a held-out one")
-    seg = stage_dir(args.run, "seg")
-    maps = stage_dir(args.run, "maps")
+    seg = complete(pipeline, "seg", args.config)
+    maps = complete(pipeline, "maps", args.config)
     bg = None
     if spec.background is not None:
-        bg = stage_dir(args.run, "pseudo").info().get("bg_threshold")
+        bg = complete(pipeline, "pseudo", args.config).info().get("bg_threshold")
         if bg is None:
             sys.exit("the run's pseudo stage recorded no background threshold")
     model, device = seg_stage.segmenter_on_device(ctx, seg)
@@ -105,7 +108,7 @@ def main() -> None:
         scores = segmentation_scores(cm, spec.classes)
         rows.append({"maps_weight": w, "crf": crf, "miou": scores["miou"],
                      "per_class_iou": {c: v["iou"] for c, v in scores["per_class"].items()}})
-    print(f"{args.run} on {split} ({len(samples)} images, {time.perf_counter() - t0:.0f} s); round 1's network "
+    print(f"{ctx.run_dir} on {split} ({len(samples)} images, {time.perf_counter() - t0:.0f} s); round 1's network "
           f"{seg.dir.name}, maps {maps.dir.name}")
     print("| maps weight w | w * maps + (1 - w) * network | + dense CRF |")
     print("|---|---|---|")

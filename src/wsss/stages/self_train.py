@@ -444,13 +444,13 @@ def check(ctx: RunContext) -> None:
     if _rule_value(st) is None and st.masks == "agreement":
         # the value would be chosen for the network's own labels on val, where there are no previous masks to
         # agree with: a rule chosen for other labels than the ones it filters
-        raise ConfigError(f"self_train.{_setting(st).split('.')[1]}: null chooses it on val for the network's own "
+        raise ConfigError(f"{_setting(st)}: null chooses it on val for the network's own "
                           "labels, but self_train.masks=agreement filters the previous masks; set "
                           "self_train.confidence: none (agreement alone) or give the value")
     if _rule_value(st) is None:
         split = ctx.split_name(cfg.eval.select_on)
         if not any(s.mask is not None for s in ctx.reader.samples(split)):
-            raise ConfigError(f"self_train.{_setting(st).split('.')[1]}: null chooses it on split '{split}' "
+            raise ConfigError(f"{_setting(st)}: null chooses it on split '{split}' "
                               "(eval.select_on), which has no ground-truth masks; set it in the config")
     if not cfg.seg.enabled or cfg.seg.masks != "pseudo" or cfg.seg.loss != "ce":
         raise ConfigError("self_train.rounds > 1 needs the segmentation network trained on pseudo masks with "
