@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from PIL import Image
+from PIL import Image, ImageOps
 
 import wsss
 from wsss.cli import main
@@ -124,6 +124,22 @@ def test_segment_outputs_agree_with_the_python_api(tiny_run, tmp_path, capsys):
     assert main(["segment", str(tiny_run), str(tmp_path / "a" / "same.png"), str(tmp_path / "b" / "same.png"),
                  "--out", str(tmp_path / "clash")]) == 2
     assert "same" in capsys.readouterr().err and not (tmp_path / "clash" / "same.png").exists()
+
+
+def test_the_python_api_turns_a_pil_photo_by_its_exif_orientation_as_the_file_loader_does(tiny_run, tmp_path):
+    root = Path(yaml.safe_load((tiny_run / "config.yaml").read_text())["data"]["root"])
+    stored = Image.open(sorted((root / "JPEGImages").glob("*.jpg"))[0]).convert("RGB")
+    exif = stored.getexif()
+    exif[0x0112] = 6  # a phone's portrait photo: stored sideways, shown turned clockwise
+    stored.save(tmp_path / "portrait.jpg", exif=exif.tobytes(), quality=95)
+    run = wsss.load_run(tiny_run, precision="fp32")
+    from_file = run.segment(tmp_path / "portrait.jpg")
+    assert from_file.shape == (stored.width, stored.height)  # the shown photo's size, not the stored one
+    with Image.open(tmp_path / "portrait.jpg") as opened:
+        np.testing.assert_array_equal(run.segment(opened), from_file)
+        shown = ImageOps.exif_transpose(opened)  # already turned: its tag is gone, so it is not turned twice
+    np.testing.assert_array_equal(run.segment(shown), from_file)
+    np.testing.assert_array_equal(run.segment(np.asarray(shown)), from_file)
 
 
 def _copy_run(src: Path, dst: Path, stages: list[str], **config_changes) -> Path:

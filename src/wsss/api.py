@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from wsss.config import load_config
 from wsss.config.runtime import autocast as runtime_autocast
 from wsss.config.runtime import resolve_precision
-from wsss.data.io import load_image, pil_to_rgb
+from wsss.data.io import load_image, pil_to_rgb, upright
 from wsss.data.readers import open_dataset
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import to_tensor
@@ -55,11 +55,13 @@ ImageLike = str | os.PathLike | Image.Image | np.ndarray
 
 
 def as_rgb(image: ImageLike) -> np.ndarray:
-    """A file path, PIL image or HxWx3 (or HxW grey) uint8 array as an HxWx3 uint8 RGB array."""
+    """A file path, PIL image or HxWx3 (or HxW grey) uint8 array as an HxWx3 uint8 RGB array. A file or PIL image
+    with an EXIF orientation tag is turned as viewers show it (as the loaders do), so the mask fits the photo a user
+    sees; an array is taken as it is."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, Image.Image):
-        return pil_to_rgb(image)
+        return pil_to_rgb(upright(image))
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
             raise DataError(f"expected an HxWx3 (or HxW grey) uint8 array, got {image.dtype} of shape {image.shape}")

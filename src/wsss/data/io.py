@@ -25,11 +25,17 @@ def load_image(path: str | Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()  # decode now: a truncated file fails here, not deep inside a worker later
-            return pil_to_rgb(ImageOps.exif_transpose(img) if _orientation(img) != 1 else img)
+            return pil_to_rgb(upright(img))
     except FileNotFoundError:
         raise DataError(f"{path}: image file does not exist") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot decode image (corrupt or truncated file?): {e}") from None
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (as image viewers show it); ``img`` itself where the tag is
+    absent or 1 (an image already turned by :func:`PIL.ImageOps.exif_transpose` has lost its tag: no second turn)."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
 
 
 def _orientation(img: Image.Image) -> int:
