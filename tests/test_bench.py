@@ -61,6 +61,7 @@ def test_one_row_per_method_with_every_column_and_runs_made_as_ordinary_runs(ben
     assert [r["method"] for r in res["rows"]] == UNDER_TEST
     for row in res["rows"]:
         assert row["status"] == "ok" and row["seeds_ok"] == SEEDS
+        assert row["supervision"] == "I"  # no method under test reads a saliency network
         assert set(row["columns"]) == {c.key for c in COLUMNS}
         assert all(row["columns"][c.key]["n"] == 2 for c in COLUMNS)
         for r in row["runs"]:
@@ -255,7 +256,8 @@ def test_mean_std_summary_and_ratio_on_constructed_records():
     assert mean_std([4.0, None]) == {"mean": 4.0, "std": None, "n": 1, "values": [4.0, None]}
 
     def rec(method, seed, epoch, miou, ok=True):
-        r = {"method": method, "seed": seed, "status": "ok" if ok else "failed", "error": "boom", "log": None}
+        r = {"method": method, "seed": seed, "status": "ok" if ok else "failed", "error": "boom", "log": None,
+             "supervision": "I+S" if method == "x" else "I"}
         if ok:
             r["values"] = {"epoch_seconds": epoch, "map_miou_train": miou}
         return r
@@ -270,4 +272,6 @@ def test_mean_std_summary_and_ratio_on_constructed_records():
     assert x["epoch_ratio_to_cam"] == pytest.approx(2.0) and y["epoch_ratio_to_cam"] is None
     md = markdown_table(rows)
     assert "| cam | ok | 0,1 | – | 52.0 ± 2.8 |" in md
+    lines = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| ")}
+    assert lines["| cam"].endswith("| I |") and lines["| x"].endswith("| I+S |")
     assert "- x seed 1: boom" in md and "- y seed 0: boom" in md

@@ -299,6 +299,9 @@ def _do_run(run: PlannedRun, config: Path, python: str, log_dir: Path,
     except Exception as e:  # one run's bad config (or unwritable run folder) is that run's failure, not the bench's
         record["error"] = str(e) if isinstance(e, WsssError) else f"{type(e).__name__}: {e}"
         return record
+    from wsss.stages.evaluate import supervision_of
+
+    record["supervision"] = supervision_of(cfg)["pseudo"]  # I, or I+S where a pixel-trained saliency network helped
     run_dir = Path(cfg.runs_dir) / cfg.name
     record["run_dir"] = str(run_dir)
     written = _get(_read_json(RunLayout(run_dir).metrics), "stage_keys") or {}
@@ -348,6 +351,7 @@ def summarize(methods: Sequence[str], records: Sequence[dict]) -> list[dict]:
         rows.append({
             "method": method,
             "status": status,
+            "supervision": "/".join(sorted({r["supervision"] for r in runs if r.get("supervision")})) or None,
             "seeds": [r["seed"] for r in runs],
             "seeds_ok": [r["seed"] for r in ok],
             "columns": {c.key: mean_std([r["values"].get(c.key) for r in ok]) for c in COLUMNS},
@@ -377,13 +381,14 @@ def failed_runs(rows: Sequence[dict]) -> list[dict]:
 def markdown_table(rows: Sequence[dict]) -> str:
     """The comparison table in Markdown, failures listed under it."""
     head = ["method", "status", "seeds", *(c.header for c in COLUMNS[:-1]), f"× {BASELINE} (s / epoch)",
-            COLUMNS[-1].header]
+            COLUMNS[-1].header, "supervision"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ratio = row["epoch_ratio_to_cam"]
         cells = [row["method"], row["status"], ",".join(map(str, row["seeds_ok"])) or "–",
                  *(format_stat(row["columns"][c.key], c.digits) for c in COLUMNS[:-1]),
-                 f"{ratio:.2f}" if ratio is not None else "–", format_stat(row["columns"][COLUMNS[-1].key], 0)]
+                 f"{ratio:.2f}" if ratio is not None else "–", format_stat(row["columns"][COLUMNS[-1].key], 0),
+                 row.get("supervision") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     failures = failed_runs(rows)
     if failures:
@@ -452,7 +457,9 @@ def bench_methods(config: str | Path, methods: Sequence[str] | None = None, seed
         "machine": _machine(),
         "columns": {c.key: c.header for c in COLUMNS},
         "notes": "mean ± sample std (n - 1) over the seeds whose run finished; wall = training + map extraction; "
-                 f"epoch ratio = mean s/epoch / {BASELINE}'s; peak RSS = largest single process of the run",
+                 f"epoch ratio = mean s/epoch / {BASELINE}'s; peak RSS = largest single process of the run; "
+                 "supervision of the pseudo masks: I = image-level labels, I+S = and a saliency network trained with "
+                 "pixel masks (compare I+S rows with I rows only as such)",
         "rows": rows,
         "elapsed_seconds": round(time.perf_counter() - t0, 1),
     }
