@@ -57,6 +57,7 @@ from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Sample
 from wsss.data.spec import DatasetSpec
 from wsss.data.transforms import TrainTransform
+from wsss.engine import shard
 from wsss.engine.train import LoopSettings, TrainTask, fit
 from wsss.errors import DataError
 from wsss.layout import CLS, MAPS
@@ -143,17 +144,20 @@ def confident_job(job: tuple) -> np.ndarray:
 def write_confident_regions(refiner: Any, samples: Sequence[Sample], maps_dir: Path, out_dir: Path,
                             spec: DatasetSpec, workers: int, progress: bool = True) -> int:
     """``out_dir/<id>.png`` for every sample (files already there are kept: a resumed stage); returns how many were
-    computed."""
+    computed. Under torchrun (:mod:`wsss.engine.shard`) rank 0 says what is left before any file is written, each
+    process computes its share, and all return once every file is written."""
     from tqdm import tqdm
 
-    todo = [s for s in samples if not (out_dir / f"{s.id}.png").exists()]
+    todo = shard.from_main([s for s in samples if not (out_dir / f"{s.id}.png").exists()] if shard.is_main() else None)
+    mine = shard.shard(todo)
     jobs = ((refiner, s.image, m["maps"], m["classes"], spec)
-            for s in todo for m in [load_maps(maps_dir / f"{s.id}.npz")])
+            for s in mine for m in [load_maps(maps_dir / f"{s.id}.npz")])
     palette = spec.palette_bytes()
     results = refine_many(confident_job, jobs, workers)
-    for s, labels in zip(todo, tqdm(results, total=len(todo), desc=f"{refiner.name}: confident regions", leave=False,
+    for s, labels in zip(mine, tqdm(results, total=len(mine), desc=f"{refiner.name}: confident regions", leave=False,
                                     disable=not progress, mininterval=1.0), strict=True):
         save_mask_png(out_dir / f"{s.id}.png", labels, palette)
+    shard.barrier()  # every process's files are written before region_stats and the training read them
     return len(todo)
 
 

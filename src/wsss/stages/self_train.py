@@ -42,6 +42,9 @@ next round, a kept wrong one teaches a mistake, an ignored one does neither; so 
 stricter rule drops are mostly wrong and falls once they are mostly right. The mIoU of the kept pixels alone cannot
 choose: it rises as the rule keeps fewer pixels.
 
+Under torchrun (:mod:`wsss.engine.shard`) each process predicts and writes its share of the images (the relabelling,
+the choice on val, the rounds' scores), as the other per-image stages do.
+
 Where this differs: the rounds retrain offline (a stage per round, resumable), not online as in ToCo / DuPL; the
 refiner chain of ``pseudo.refiners`` is not applied to the network's probabilities (its affinity refiners walk on
 the classifier's maps at their stride; the dense CRF is offered as ``self_train.crf``).
@@ -61,6 +64,7 @@ from wsss.config import Config, split_name
 from wsss.config.typed import to_dict
 from wsss.data.io import load_image, load_mask, save_mask_png
 from wsss.data.readers import Sample
+from wsss.engine import shard
 from wsss.engine.train import fit
 from wsss.errors import ConfigError, DataError
 from wsss.evaluation import confusion_matrix, segmentation_scores
@@ -211,10 +215,14 @@ def write_confidence(ctx: RunContext, model, device, samples: list[Sample], fold
     image's labels (then CRF-refined with ``self_train.crf``). Files already there are kept (a resumed stage); a
     damaged one is recomputed. Returns the number computed."""
     st, spec = ctx.cfg.self_train, ctx.spec
-    todo = [i for i, s in enumerate(samples) if _load_confidence(folder / f"{s.id}.npz") is None]
+    # under torchrun (wsss.engine.shard) every process knows what is left before any file is written (rank 0 reads
+    # the folder), predicts its share of the batches one process would form, and all meet before the files are read
+    todo = shard.from_main([i for i, s in enumerate(samples) if _load_confidence(folder / f"{s.id}.npz") is None]
+                           if shard.is_main() else None)
     if not todo:
         return 0
-    for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, todo, st.scales, st.flip, what):
+    for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, todo, st.scales, st.flip, what,
+                                                  sharded=True):
         for b, i in enumerate(batch["index"]):
             s = samples[int(i)]
             p = restrict(probs[b], allowed_classes(s.labels or (), spec))
@@ -226,6 +234,7 @@ def write_confidence(ctx: RunContext, model, device, samples: list[Sample], fold
                     p = dense_crf(load_image(s.image), p, ctx.cfg.crf)
                 label, conf = p.argmax(0).astype(np.uint8), p.max(0)
             _save_confidence(folder / f"{s.id}.npz", label, conf)
+    shard.barrier()  # every process's files are written
     return len(todo)
 
 
@@ -301,7 +310,7 @@ def compute_relabel(k: int):
         conf_kept, conf_all = np.zeros((n, n), np.int64), np.zeros((n, n), np.int64)
         kept = total = 0
         before = inputs[previous_masks(k)].dir / split if st.masks == "agreement" else None
-        for s in samples:
+        for s in shard.shard(samples):  # under torchrun this process's share; the sums are gathered below
             label, conf = _load_confidence(folder / f"{s.id}.npz")
             if before is not None:
                 label = agreed(label, load_mask(before / f"{s.id}.png", n, spec.ignore_index, label.shape),
@@ -314,6 +323,8 @@ def compute_relabel(k: int):
                 gt = ctx.reader.load_mask(s, mask.shape)
                 conf_kept += confusion_matrix(gt, mask, n, spec.ignore_index)
                 conf_all += confusion_matrix(gt, label, n, spec.ignore_index)
+        kept, total, conf_kept, conf_all = (sum(x) for x in zip(*shard.gather((kept, total, conf_kept, conf_all)),
+                                                                  strict=True))  # every share's masks are written
         info.update({"split": split, "images": len(samples), "computed": computed, "masks": st.masks,
                      "rule": st.confidence,
                      "rule_value": choice["value"], "chosen_on": choice["chosen_on"], "crf": st.crf,
@@ -343,7 +354,7 @@ def _per_class(scores: dict) -> dict:
 
 def score_network(ctx: RunContext, model, device) -> dict:
     """The network alone (``seg.scales`` / ``seg.flip``, no image labels) on the selection and prediction splits that
-    have ground truth: mIoU and per-class IoU."""
+    have ground truth: mIoU and per-class IoU. Under torchrun each process scores its share of the images."""
     cfg, spec = ctx.cfg, ctx.spec
     out = {}
     for role in dict.fromkeys([cfg.eval.select_on, cfg.seg.predict_split]):
@@ -353,11 +364,12 @@ def score_network(ctx: RunContext, model, device) -> dict:
             continue
         conf = np.zeros((spec.num_classes,) * 2, np.int64)
         for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, range(len(samples)), cfg.seg.scales,
-                                                      cfg.seg.flip, f"score {split}"):
+                                                      cfg.seg.flip, f"score {split}", sharded=True):
             for b, i in enumerate(batch["index"]):
                 pred = probs[b].argmax(0)
                 conf += confusion_matrix(ctx.reader.load_mask(samples[int(i)], pred.shape), pred, spec.num_classes,
                                          spec.ignore_index)
+        conf = sum(shard.gather(conf))  # under torchrun: every process's share
         scores = segmentation_scores(conf, spec.classes)
         out[split] = {"miou": scores["miou"], "per_class_iou": _per_class(scores)}
     return out
