@@ -66,25 +66,30 @@ def main(argv=None) -> dict:
     settings = list(dict.fromkeys((st, b) for st, b, _ in (v for v in rows.values() if v is not None)))
     # a dataset with a background class: each variant's background threshold is the best of eval.sweep on this
     # split, on the maps as the variant's first mask-giving step sees them (as the pseudo stage chooses it), so a
-    # first pass walks and sweeps, the second applies the thresholds (and the CRF, which takes the threshold)
+    # first pass walks and sweeps, the second walks again and applies the thresholds (and the CRF, which takes the
+    # threshold). Nothing is kept between images: a VOC-sized split's walked maps of every variant would not fit in
+    # memory, and walking twice costs less than the CRFs.
     background = spec.background is not None
     sweeps = {k: ThresholdSweep(spec, ctx.cfg.eval.sweep) for k in ["maps alone", *settings]} if background else {}
-    images = []
-    for s in samples:
-        m = load_maps(maps_stage.dir / split / f"{s.id}.npz")
-        gt = ctx.reader.load_mask(s, m["maps"].shape[1:])
-        item = Item(s, m["maps"], m["classes"], spec)
-        walked = {}
-        for steps, beta in settings:
-            walker.options = dataclasses.replace(opts, steps=steps, beta=beta)
-            walked[(steps, beta)] = walker(item)
-        if background:
+
+    def walked_images():
+        for s in samples:
+            m = load_maps(maps_stage.dir / split / f"{s.id}.npz")
+            gt = ctx.reader.load_mask(s, m["maps"].shape[1:])
+            item = Item(s, m["maps"], m["classes"], spec)
+            walked = {}
+            for steps, beta in settings:
+                walker.options = dataclasses.replace(opts, steps=steps, beta=beta)
+                walked[(steps, beta)] = walker(item)
+            yield gt, item, walked
+
+    if background:
+        for gt, item, walked in walked_images():
             sweeps["maps alone"].add(item.maps, item.classes, gt)
             for key, out in walked.items():
                 sweeps[key].add(out.maps, out.classes, gt)
-        images.append((gt, item, walked))
     chosen = {k: sw.best()["threshold"] for k, sw in sweeps.items()}
-    for gt, item, walked in images:
+    for gt, item, walked in walked_images():
         item = item.replace(bg_threshold=chosen.get("maps alone"))
         conf["maps alone"] += confusion_matrix(gt, item.final_mask(), n, spec.ignore_index)
         conf["crf alone"] += confusion_matrix(gt, crf(item).final_mask(), n, spec.ignore_index)
