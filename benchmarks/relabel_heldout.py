@@ -13,11 +13,16 @@ script scores, on ``--split`` of a finished run (ground truth needed):
   maps alone, 0 the network alone): whether the two sources together beat either.
 
     .venv/bin/python benchmarks/relabel_heldout.py --config configs/msrc21.yaml name=demo [key=value ...] \
-        [--split val] [--weights 0 0.25 0.5 0.75 1]
+        [--split val] [--weights 0 0.25 0.5 0.75 1] [--save-masks W DIR]
+
+``--split train`` (the split the network trained on) asks what a relabelling of the training images would give as
+next-round masks: the network's fit of its own masks is in it, so it does not say what the network is worth as a
+labeller. ``--save-masks W DIR`` writes the masks of ``w = W`` + CRF as palette PNGs ``DIR/<id>.png`` (to train a
+network on them, benchmarks/RESULTS.md section 24).
 
 The config and overrides name the run's variants as ``wsss run`` does (the same keys): its segmentation network
 (round 1) and maps must be complete, with maps of the split (``maps.splits``; the default configs compute train, val
-and test). Writes nothing but ``--out``.
+and test). Writes nothing but ``--out`` and ``--save-masks``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from wsss.config import load_config
-from wsss.data.io import load_image
+from wsss.data.io import load_image, save_mask_png
 from wsss.evaluation import confusion_matrix, segmentation_scores
 from wsss.localize.store import load_maps
 from wsss.refine import dense_crf
@@ -54,10 +59,13 @@ def complete(pipeline: Pipeline, name: str, config: str) -> Stage:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--split", default="val", help="a split the network did not train on (default val)")
+    ap.add_argument("--split", default="val",
+                    help="default val, a split the network did not train on (train: what a relabelling would give)")
     ap.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0],
                     help="weights w of the maps in w * maps + (1 - w) * network")
     ap.add_argument("--out", type=Path, help="write the scores as JSON here")
+    ap.add_argument("--save-masks", nargs=2, metavar=("W", "DIR"),
+                    help="write the masks of w = W (one of --weights), + dense CRF, into DIR")
     ap.add_argument("overrides", nargs="*", help="key=value settings of the run, as given to `wsss run`")
     args = ap.parse_args()
 
@@ -68,7 +76,11 @@ def main() -> None:
     split = ctx.split_name(args.split)
     train = ctx.split_name(cfg.pseudo.split)
     if split == train:
-        sys.exit(f"--split {split} is the split the network trained on; choose a held-out one")
+        print(f"--split {split}: the network trained on these images; the scores say what a relabelling would give as "
+              "masks, not what the network is worth as a labeller")
+    save_w, save_dir = (float(args.save_masks[0]), Path(args.save_masks[1])) if args.save_masks else (None, None)
+    if save_w is not None and save_w not in args.weights:
+        sys.exit(f"--save-masks {save_w}: not one of --weights {args.weights}")
     seg = complete(pipeline, "seg", args.config)
     maps = complete(pipeline, "maps", args.config)
     bg = None
@@ -102,6 +114,8 @@ def main() -> None:
                 mix = (w * cam + (1 - w) * net).astype(np.float32)
                 conf[(w, False)] += confusion_matrix(gt, mix.argmax(0).astype(np.uint8), n, spec.ignore_index)
                 refined = dense_crf(image, mix, cfg.crf)
+                if w == save_w:
+                    save_mask_png(save_dir / f"{s.id}.png", refined.argmax(0).astype(np.uint8), spec.palette_bytes())
                 conf[(w, True)] += confusion_matrix(gt, refined.argmax(0).astype(np.uint8), n, spec.ignore_index)
     rows = []
     for (w, crf), cm in conf.items():
