@@ -95,6 +95,7 @@ def main() -> None:
     n = spec.num_classes
     conf = {(w, crf): np.zeros((n, n), np.int64) for w in args.weights for crf in (False, True)}
     st = cfg.self_train
+    palette = spec.palette_bytes()
     t0 = time.perf_counter()
     for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, range(len(samples)), st.scales, st.flip,
                                                   f"network on {split}"):
@@ -113,10 +114,10 @@ def main() -> None:
             for w in args.weights:
                 mix = (w * cam + (1 - w) * net).astype(np.float32)
                 conf[(w, False)] += confusion_matrix(gt, mix.argmax(0).astype(np.uint8), n, spec.ignore_index)
-                refined = dense_crf(image, mix, cfg.crf)
+                refined = dense_crf(image, mix, cfg.crf).argmax(0).astype(np.uint8)
                 if w == save_w:
-                    save_mask_png(save_dir / f"{s.id}.png", refined.argmax(0).astype(np.uint8), spec.palette_bytes())
-                conf[(w, True)] += confusion_matrix(gt, refined.argmax(0).astype(np.uint8), n, spec.ignore_index)
+                    save_mask_png(save_dir / f"{s.id}.png", refined, palette)
+                conf[(w, True)] += confusion_matrix(gt, refined, n, spec.ignore_index)
     rows = []
     for (w, crf), cm in conf.items():
         scores = segmentation_scores(cm, spec.classes)

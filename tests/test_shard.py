@@ -42,6 +42,7 @@ def test_outside_torchrun_one_process_does_everything():
     assert (shard.world(), shard.rank(), shard.is_main()) == (1, 0, True)
     assert shard.shard(list("abc")) == list("abc")
     assert shard.from_main(5) == 5 and shard.gather(5) == [5]
+    assert shard.undone(range(6), lambda i: i % 3 == 0) == [1, 2, 4, 5]
     shard.barrier()
 
 

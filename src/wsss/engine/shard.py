@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -95,6 +95,13 @@ def from_main(value: Any) -> Any:
     return box[0]
 
 
+def undone(items: Iterable[T], done: Callable[[T], bool]) -> list[T]:
+    """The ``items`` not ``done`` yet, as rank 0 sees them, on every process: a resumable per-image stage lists what is
+    left before any process writes a file, so that all work on the same list (:func:`shard` then gives each its
+    share). Outside torchrun: the items not done."""
+    return from_main([x for x in items if not done(x)] if is_main() else None)
+
+
 def gather(value: Any) -> list:
     """Every process's ``value``, by rank, on every process. Also a barrier."""
     if world() == 1:
@@ -105,4 +112,4 @@ def gather(value: Any) -> list:
 
 
 __all__ = ["barrier", "from_main", "gather", "init", "is_main", "launched", "local_rank", "nodes", "rank", "shard",
-           "world"]
+           "undone", "world"]

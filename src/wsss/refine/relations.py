@@ -148,7 +148,7 @@ def write_confident_regions(refiner: Any, samples: Sequence[Sample], maps_dir: P
     process computes its share, and all return once every file is written."""
     from tqdm import tqdm
 
-    todo = shard.from_main([s for s in samples if not (out_dir / f"{s.id}.png").exists()] if shard.is_main() else None)
+    todo = shard.undone(samples, lambda s: (out_dir / f"{s.id}.png").exists())
     mine = shard.shard(todo)
     jobs = ((refiner, s.image, m["maps"], m["classes"], spec)
             for s in mine for m in [load_maps(maps_dir / f"{s.id}.npz")])

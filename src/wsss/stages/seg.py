@@ -355,8 +355,7 @@ def compute_predict(ctx: RunContext, inputs: dict, stage: Stage) -> dict:
     samples = ctx.reader.samples(split)
     # under torchrun (wsss.engine.shard) every process knows what is left before any file is written, then predicts
     # its share of the batches (predict_batches)
-    todo = shard.from_main([i for i, s in enumerate(samples) if not (out / f"{s.id}.png").exists()]
-                           if shard.is_main() else None)
+    todo = shard.undone(range(len(samples)), lambda i: (out / f"{samples[i].id}.png").exists())
     t0 = time.perf_counter()
     done = downscaled = 0
     for batch, probs in predict_batches(ctx, model, device, samples, todo, cfg.seg.scales, cfg.seg.flip,

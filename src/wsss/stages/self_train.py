@@ -215,10 +215,9 @@ def write_confidence(ctx: RunContext, model, device, samples: list[Sample], fold
     image's labels (then CRF-refined with ``self_train.crf``). Files already there are kept (a resumed stage); a
     damaged one is recomputed. Returns the number computed."""
     st, spec = ctx.cfg.self_train, ctx.spec
-    # under torchrun (wsss.engine.shard) every process knows what is left before any file is written (rank 0 reads
-    # the folder), predicts its share of the batches one process would form, and all meet before the files are read
-    todo = shard.from_main([i for i, s in enumerate(samples) if _load_confidence(folder / f"{s.id}.npz") is None]
-                           if shard.is_main() else None)
+    # under torchrun (wsss.engine.shard) every process works from rank 0's list of what is left, predicts its share of
+    # the batches one process would form, and all meet before the files are read
+    todo = shard.undone(range(len(samples)), lambda i: _load_confidence(folder / f"{samples[i].id}.npz") is not None)
     if not todo:
         return 0
     for batch, probs in seg_stage.predict_batches(ctx, model, device, samples, todo, st.scales, st.flip, what,
